@@ -1,0 +1,252 @@
+//! Parley's HTTP ingress. It owns the public routes where platforms deliver callbacks: it
+//! reads the raw body under a size limit, verifies the platform's signature before parsing
+//! anything, turns the message into a [`Job`], drops platform retries by message id, and
+//! acknowledges only once the job queue has it — never waiting for the model. Every refusal
+//! is a short 4xx/5xx with a log line and a metric, and creates no job.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use shared::cache::Cache;
+use shared::config::{BotSettings, Platform, Settings};
+use shared::dingtalk;
+use shared::job::Job;
+use shared::queue::{JobQueue, QueueError};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything a callback handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct IngressState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bots: HashMap<(Platform, String), BotSettings>,
+    queue: Arc<dyn JobQueue>,
+    cache: Arc<dyn Cache>,
+    body_limit: usize,
+    dedupe_ttl: Duration,
+}
+
+impl fmt::Debug for IngressState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IngressState")
+            .field("bots", &self.inner.bots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IngressState {
+    /// State for the bots of `settings`, publishing to `queue`, deduping in `cache`.
+    pub fn new(settings: &Settings, queue: Arc<dyn JobQueue>, cache: Arc<dyn Cache>) -> Self {
+        let bots = settings
+            .bots
+            .iter()
+            .map(|b| ((b.platform(), b.id().to_string()), b.clone()))
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                bots,
+                queue,
+                cache,
+                body_limit: settings.server.body_limit_bytes,
+                dedupe_ttl: Duration::from_secs(settings.server.dedupe_ttl_secs),
+            }),
+        }
+    }
+}
+
+/// The public routes.
+pub fn router(state: IngressState) -> Router {
+    Router::new()
+        .route("/dingtalk/{bot_id}", post(dingtalk_callback))
+        .with_state(state)
+}
+
+/// Why a callback was not accepted. Each maps to one status, one log line, one metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    /// No bot with that id on that platform.
+    #[error("unknown bot")]
+    UnknownBot,
+    /// The body is larger than `[server].body_limit_bytes`.
+    #[error("body too large")]
+    TooLarge,
+    /// The body could not be read.
+    #[error("body unreadable")]
+    Unreadable,
+    /// Signature or timestamp refused.
+    #[error("{0}")]
+    Signature(#[from] dingtalk::sign::SignError),
+    /// Signed, but not a message we can parse.
+    #[error("{0}")]
+    Malformed(#[from] dingtalk::callback::CallbackError),
+    /// The queue cannot take the job now; the platform should retry.
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    /// The dedupe store cannot be reached; accepting would risk double answers or loss.
+    #[error("dedupe store unavailable")]
+    CacheDown,
+}
+
+impl Rejection {
+    fn status(&self) -> StatusCode {
+        use dingtalk::sign::SignError::*;
+        match self {
+            Rejection::UnknownBot => StatusCode::NOT_FOUND,
+            Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::Unreadable => StatusCode::BAD_REQUEST,
+            Rejection::Signature(MissingHeader | SignatureMismatch) => StatusCode::UNAUTHORIZED,
+            Rejection::Signature(StaleTimestamp) => StatusCode::FORBIDDEN,
+            Rejection::Signature(MalformedTimestamp) => StatusCode::BAD_REQUEST,
+            Rejection::Malformed(_) => StatusCode::BAD_REQUEST,
+            Rejection::Queue(_) | Rejection::CacheDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Label for `parley_http_requests_total{outcome}`.
+    pub fn outcome(&self) -> &'static str {
+        use dingtalk::sign::SignError::*;
+        match self {
+            Rejection::UnknownBot => "unknown_bot",
+            Rejection::TooLarge => "too_large",
+            Rejection::Unreadable => "unreadable",
+            Rejection::Signature(MissingHeader | SignatureMismatch) => "bad_signature",
+            Rejection::Signature(StaleTimestamp) => "stale_timestamp",
+            Rejection::Signature(MalformedTimestamp) => "bad_timestamp",
+            Rejection::Malformed(_) => "malformed",
+            Rejection::Queue(_) => "queue_unavailable",
+            Rejection::CacheDown => "cache_unavailable",
+        }
+    }
+}
+
+/// What happened to an accepted callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// A new job is queued.
+    Queued,
+    /// A platform retry of a message already queued.
+    Duplicate,
+}
+
+/// Reads the body, refusing more than `limit` bytes without buffering them.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Rejection> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            Rejection::TooLarge
+        } else {
+            Rejection::Unreadable
+        }
+    })
+}
+
+/// Queues `job` unless its message id was seen: the platform-independent tail of every
+/// callback route. The dedupe mark is removed again if the queue refuses, so the
+/// platform's retry is not mistaken for a duplicate of a message that was never queued.
+pub async fn enqueue(state: &IngressState, job: &Job) -> Result<Accepted, Rejection> {
+    let inner = &state.inner;
+    let key = format!("dedupe:{}", job.id);
+    let fresh = inner
+        .cache
+        .set_nx(&key, "1", inner.dedupe_ttl)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "dedupe store unavailable");
+            Rejection::CacheDown
+        })?;
+    if !fresh {
+        return Ok(Accepted::Duplicate);
+    }
+    if let Err(e) = inner.queue.publish(job).await {
+        let _ = inner.cache.delete(&key).await;
+        return Err(e.into());
+    }
+    Ok(Accepted::Queued)
+}
+
+/// Records the metric and log line of one callback and renders its response.
+fn finish(
+    route: &'static str,
+    bot_id: &str,
+    started: Instant,
+    result: Result<Accepted, Rejection>,
+) -> Response {
+    let m = shared::metrics::get();
+    m.ack_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(accepted) => {
+            let outcome = match accepted {
+                Accepted::Queued => "accepted",
+                Accepted::Duplicate => {
+                    tracing::info!(route, bot = bot_id, "duplicate callback dropped");
+                    "duplicate"
+                }
+            };
+            m.http_requests.with_label_values(&[route, outcome]).inc();
+            StatusCode::OK.into_response()
+        }
+        Err(r) => {
+            m.http_requests
+                .with_label_values(&[route, r.outcome()])
+                .inc();
+            let status = r.status();
+            if status.is_server_error() {
+                tracing::error!(route, bot = bot_id, reason = %r, "callback not accepted");
+            } else {
+                tracing::warn!(route, bot = bot_id, reason = %r, "callback rejected");
+            }
+            let body = serde_json::json!({"error": r.outcome()}).to_string();
+            (status, [("content-type", "application/json")], body).into_response()
+        }
+    }
+}
+
+async fn dingtalk_callback(
+    State(state): State<IngressState>,
+    Path(bot_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = handle_dingtalk(&state, &bot_id, &headers, body).await;
+    finish("dingtalk_callback", &bot_id, started, result)
+}
+
+async fn handle_dingtalk(
+    state: &IngressState,
+    bot_id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, Rejection> {
+    let Some(BotSettings::DingTalk(bot)) = state
+        .inner
+        .bots
+        .get(&(Platform::DingTalk, bot_id.to_string()))
+    else {
+        return Err(Rejection::UnknownBot);
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = shared::now_ms();
+    dingtalk::sign::verify_callback(
+        bot.app_secret.expose(),
+        header("timestamp"),
+        header("sign"),
+        now,
+    )?;
+    let body = read_body(body, state.inner.body_limit).await?;
+    let job = dingtalk::callback::parse(&bot.id, &body, now)?;
+    enqueue(state, &job).await
+}

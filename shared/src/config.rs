@@ -1,0 +1,528 @@
+//! Configuration: one TOML file (`--config FILE`, or `PARLEY_CONFIG`), typed and validated
+//! at start-up. Any string value may be `${ENV_VAR}` (or contain it), so secrets come from
+//! the environment, not the file. Every problem is reported as one line that names the key,
+//! e.g. `config: bots[0].app_secret: environment variable DT_SECRET is not set`, because the
+//! person reading it is an operator looking at a crash-looping pod.
+
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// A configuration problem, always naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {key}: {problem}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `llm.base_url` or `bots[1].id`.
+    pub key: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP listeners.
+    #[serde(default)]
+    pub server: ServerSettings,
+    /// Job queue backend.
+    #[serde(default)]
+    pub queue: QueueSettings,
+    /// Cache backend.
+    #[serde(default)]
+    pub cache: CacheSettings,
+    /// The model.
+    pub llm: LlmSettings,
+    /// Conversation memory.
+    #[serde(default)]
+    pub history: HistorySettings,
+    /// Chat bots, at least one.
+    #[serde(default)]
+    pub bots: Vec<BotSettings>,
+}
+
+/// `[server]`: where the ingress and the admin endpoints listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Public listener for platform callbacks. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Admin listener for `/healthz`, `/readyz`, `/metrics`. Default `127.0.0.1:9090`.
+    pub admin_listen: SocketAddr,
+    /// Largest callback body accepted, in bytes. Default 65536.
+    pub body_limit_bytes: usize,
+    /// How long a platform message id is remembered for dedupe, in seconds. Default 3600.
+    pub dedupe_ttl_secs: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            body_limit_bytes: 64 * 1024,
+            dedupe_ttl_secs: 3600,
+        }
+    }
+}
+
+/// `[queue]`: the job queue. Without `url` an embedded in-process queue is used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// AMQP URL of RabbitMQ (`amqp://user:pass@host:5672/vhost`); absent = embedded.
+    pub url: Option<Secret>,
+    /// Embedded queue bound: callbacks beyond it get 503 so the platform retries. Default 100000.
+    pub capacity: usize,
+    /// Delivery attempts before a job is dead-lettered. Default 5.
+    pub max_attempts: u32,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            capacity: 100_000,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// `[cache]`: the cache. Without `url` an embedded in-process map is used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Redis URL (`redis://host:6379/0`); absent = embedded.
+    pub url: Option<Secret>,
+    /// Prefix of every key, so several deployments can share one Redis. Default `parley`.
+    pub key_prefix: String,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: "parley".into(),
+        }
+    }
+}
+
+/// `[llm]`: the OpenAI-compatible model endpoint and how hard to drive it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSettings {
+    /// Base URL; `/chat/completions` is appended (e.g. `https://api.openai.com/v1`).
+    pub base_url: String,
+    /// Bearer key; may be empty for local servers that need none.
+    #[serde(default)]
+    pub api_key: Secret,
+    /// Model name sent in every request.
+    pub model: String,
+    /// System prompt put before every conversation.
+    #[serde(default = "default_system_prompt")]
+    pub system_prompt: String,
+    /// Model calls per minute per process (token bucket). Default 600.
+    #[serde(default = "default_rpm")]
+    pub requests_per_minute: u32,
+    /// Jobs in flight per worker process (also the queue prefetch). Default 64.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: usize,
+    /// Timeout of one model call, in seconds. Default 60.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Retries of one model call on 429/5xx/timeouts. Default 2.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// Optional `max_tokens` sent with each request.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Optional sampling temperature (0–2).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+}
+
+fn default_system_prompt() -> String {
+    "You are a helpful assistant in a workplace chat. Answer concisely.".into()
+}
+fn default_rpm() -> u32 {
+    600
+}
+fn default_concurrency() -> usize {
+    64
+}
+fn default_timeout() -> u64 {
+    60
+}
+fn default_retries() -> u32 {
+    2
+}
+
+/// `[history]`: what the assistant remembers of a conversation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    /// Turns kept (a turn = one question and its answer). Default 10.
+    pub max_turns: usize,
+    /// Characters of history sent to the model at most (oldest dropped first). Default 6000.
+    pub max_chars: usize,
+    /// A conversation idle this long (seconds) is forgotten. Default 3600.
+    pub idle_ttl_secs: u64,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self {
+            max_turns: 10,
+            max_chars: 6000,
+            idle_ttl_secs: 3600,
+        }
+    }
+}
+
+/// The chat platforms Parley speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    /// DingTalk (钉钉).
+    DingTalk,
+}
+
+impl Platform {
+    /// Lower-case name, used in routes and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::DingTalk => "dingtalk",
+        }
+    }
+}
+
+/// `[[bots]]`: one chat bot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "platform", rename_all = "lowercase")]
+pub enum BotSettings {
+    /// An enterprise-internal DingTalk robot (HTTP callback mode).
+    DingTalk(DingTalkBot),
+}
+
+impl BotSettings {
+    /// The bot's id, the last segment of its callback route.
+    pub fn id(&self) -> &str {
+        match self {
+            BotSettings::DingTalk(b) => &b.id,
+        }
+    }
+
+    /// The bot's platform.
+    pub fn platform(&self) -> Platform {
+        match self {
+            BotSettings::DingTalk(_) => Platform::DingTalk,
+        }
+    }
+}
+
+/// A DingTalk robot of an enterprise-internal app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DingTalkBot {
+    /// Route id: callbacks arrive at `POST /dingtalk/{id}`.
+    pub id: String,
+    /// The app's AppKey (Client ID); also the robotCode for OpenAPI sends.
+    pub app_key: String,
+    /// The app's AppSecret (Client Secret): signs callbacks and fetches tokens.
+    pub app_secret: Secret,
+    /// OpenAPI base. Default `https://api.dingtalk.com`.
+    #[serde(default = "default_dingtalk_api")]
+    pub api_base: String,
+    /// Robot code if it differs from the app key.
+    #[serde(default)]
+    pub robot_code: Option<String>,
+}
+
+impl DingTalkBot {
+    /// The robotCode OpenAPI sends need.
+    pub fn robot_code(&self) -> &str {
+        self.robot_code.as_deref().unwrap_or(&self.app_key)
+    }
+}
+
+fn default_dingtalk_api() -> String {
+    "https://api.dingtalk.com".into()
+}
+
+impl Settings {
+    /// Reads, interpolates and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Self::from_toml(&text, |name| std::env::var(name).ok())
+    }
+
+    /// Parses TOML text, resolving `${VAR}` with `env`, then validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            ConfigError::new("(syntax)", msg)
+        })?;
+        interpolate(&mut value, &mut String::new(), &env)?;
+        let settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::new(key, e.into_inner().to_string())
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values serde cannot: ranges, URLs, unique bot ids.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_http_url("llm.base_url", &self.llm.base_url)?;
+        if self.llm.model.trim().is_empty() {
+            return Err(ConfigError::new("llm.model", "must not be empty"));
+        }
+        if self.llm.requests_per_minute == 0 {
+            return Err(ConfigError::new(
+                "llm.requests_per_minute",
+                "must be at least 1",
+            ));
+        }
+        if self.llm.max_concurrency == 0 {
+            return Err(ConfigError::new(
+                "llm.max_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if self.llm.timeout_secs == 0 {
+            return Err(ConfigError::new("llm.timeout_secs", "must be at least 1"));
+        }
+        if let Some(t) = self.llm.temperature
+            && !(0.0..=2.0).contains(&t)
+        {
+            return Err(ConfigError::new(
+                "llm.temperature",
+                "must be between 0 and 2",
+            ));
+        }
+        if self.queue.max_attempts == 0 {
+            return Err(ConfigError::new("queue.max_attempts", "must be at least 1"));
+        }
+        if self.queue.capacity == 0 {
+            return Err(ConfigError::new("queue.capacity", "must be at least 1"));
+        }
+        if self.history.max_turns == 0 {
+            return Err(ConfigError::new("history.max_turns", "must be at least 1"));
+        }
+        if self.bots.is_empty() {
+            return Err(ConfigError::new(
+                "bots",
+                "at least one [[bots]] entry is needed",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, bot) in self.bots.iter().enumerate() {
+            let id = bot.id();
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::new(
+                    format!("bots[{i}].id"),
+                    "must be non-empty and use only letters, digits, '-' and '_'",
+                ));
+            }
+            if !seen.insert((bot.platform(), id.to_string())) {
+                return Err(ConfigError::new(
+                    format!("bots[{i}].id"),
+                    "duplicate bot id",
+                ));
+            }
+            match bot {
+                BotSettings::DingTalk(b) => {
+                    if b.app_key.is_empty() {
+                        return Err(ConfigError::new(
+                            format!("bots[{i}].app_key"),
+                            "must not be empty",
+                        ));
+                    }
+                    if b.app_secret.is_empty() {
+                        return Err(ConfigError::new(
+                            format!("bots[{i}].app_secret"),
+                            "must not be empty",
+                        ));
+                    }
+                    check_http_url(&format!("bots[{i}].api_base"), &b.api_base)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The bot with this platform and id.
+    pub fn bot(&self, platform: Platform, id: &str) -> Option<&BotSettings> {
+        self.bots
+            .iter()
+            .find(|b| b.platform() == platform && b.id() == id)
+    }
+}
+
+fn check_http_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err(ConfigError::new(key, "must be an http(s) URL")),
+        Err(e) => Err(ConfigError::new(key, format!("not a URL ({e})"))),
+    }
+}
+
+/// Replaces `${VAR}` in every string value, tracking the key path for error messages.
+fn interpolate(
+    value: &mut toml::Value,
+    path: &mut String,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) if s.contains("${") => {
+            *s = expand(s, env).map_err(|p| ConfigError::new(path.clone(), p))?;
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                interpolate(v, path, env)?;
+                path.truncate(len);
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, v) in a.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                interpolate(v, path, env)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${…} reference".to_string())?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid environment variable name {name:?}"));
+        }
+        let v = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(&v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[llm]
+base_url = "http://127.0.0.1:9200/v1"
+api_key = "${KEY}"
+model = "m"
+
+[[bots]]
+id = "main"
+platform = "dingtalk"
+app_key = "ding123"
+app_secret = "${DT_SECRET}"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "KEY" => Some("sk-1".into()),
+            "DT_SECRET" => Some("s3cret".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn minimal_config_loads_with_defaults_and_env() {
+        let s = Settings::from_toml(MINIMAL, env).unwrap();
+        assert_eq!(s.llm.api_key.expose(), "sk-1");
+        assert_eq!(s.llm.max_concurrency, 64);
+        assert_eq!(s.server.body_limit_bytes, 65536);
+        let BotSettings::DingTalk(b) = &s.bots[0];
+        assert_eq!(b.app_secret.expose(), "s3cret");
+        assert_eq!(b.api_base, "https://api.dingtalk.com");
+        assert_eq!(b.robot_code(), "ding123");
+    }
+
+    #[test]
+    fn missing_env_var_names_the_key() {
+        let only_secret = |n: &str| (n == "DT_SECRET").then(|| "s".to_string());
+        let err = Settings::from_toml(MINIMAL, only_secret)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("config: llm.api_key:"), "{err}");
+        assert!(err.contains("KEY is not set"), "{err}");
+    }
+
+    #[test]
+    fn missing_field_names_the_key() {
+        let text = MINIMAL.replace("app_key = \"ding123\"\n", "");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.contains("bots[0]") && err.contains("app_key"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let text = MINIMAL.replace("model = \"m\"", "model = \"m\"\nrequests_per_minute = 0");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.starts_with("config: llm.requests_per_minute:"), "{err}");
+        let text = MINIMAL.replace("http://127.0.0.1:9200/v1", "ftp://x");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.starts_with("config: llm.base_url:"), "{err}");
+        let text = MINIMAL.replace("[llm]", "[server]\nlisten = \"nope\"\n[llm]");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let text = MINIMAL.replace("model = \"m\"", "model = \"m\"\nmodle = \"x\"");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.contains("modle"), "{err}");
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../parley.example.toml"
+        ))
+        .unwrap();
+        Settings::from_toml(&text, |_| Some("x".into())).unwrap();
+    }
+}

@@ -1,0 +1,419 @@
+//! The LLM seam and its OpenAI-compatible client. One call = one chat completion, retried
+//! on connection errors, timeouts, 408/409/429/5xx (not on `insufficient_quota`) with the
+//! delay the server asks for (`retry-after-ms`, `Retry-After`) or capped exponential backoff
+//! with jitter — the policy of the official SDK. Reasoning output (`<think>` blocks,
+//! `reasoning_content`) is dropped here so it can never reach a chat.
+
+use crate::config::LlmSettings;
+use crate::secret::Secret;
+use async_trait::async_trait;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// Who said a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions.
+    System,
+    /// The chatter.
+    User,
+    /// The model.
+    Assistant,
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from `role`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// A model answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The visible answer, reasoning removed.
+    pub text: String,
+    /// Prompt tokens, if reported.
+    pub prompt_tokens: u64,
+    /// Completion tokens, if reported.
+    pub completion_tokens: u64,
+}
+
+/// Why the model gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LlmError {
+    /// No answer within the timeout.
+    #[error("model call timed out")]
+    Timeout,
+    /// Could not connect or the connection broke.
+    #[error("model unreachable: {0}")]
+    Network(String),
+    /// 429 rate limit, still after retries.
+    #[error("model rate limit")]
+    RateLimited,
+    /// 429 `insufficient_quota`: billing, not worth retrying.
+    #[error("model quota exhausted")]
+    QuotaExhausted,
+    /// 5xx, still after retries.
+    #[error("model server error {0}")]
+    Server(u16),
+    /// 4xx other than 429: our request or our key is wrong.
+    #[error("model refused the request ({status}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The provider's message, trimmed.
+        message: String,
+    },
+    /// A 2xx whose body is not a chat completion, or has no text.
+    #[error("model answer malformed: {0}")]
+    Malformed(String),
+}
+
+impl LlmError {
+    /// Label for `parley_llm_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            LlmError::Timeout => "timeout",
+            LlmError::Network(_) => "network",
+            LlmError::RateLimited => "rate_limited",
+            LlmError::QuotaExhausted => "quota_exhausted",
+            LlmError::Server(_) => "server_error",
+            LlmError::Refused { .. } => "refused",
+            LlmError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// The LLM seam.
+#[async_trait]
+pub trait LlmClient: Send + Sync + fmt::Debug {
+    /// One chat completion for `messages`.
+    async fn chat(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError>;
+}
+
+/// Client for any OpenAI-compatible `/chat/completions` endpoint.
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    url: String,
+    api_key: Secret,
+    model: String,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    max_retries: u32,
+}
+
+impl fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiClient")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct Request<'a> {
+    model: &'a str,
+    messages: &'a [ChatMessage],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+}
+
+#[derive(Deserialize)]
+struct Response {
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: ResponseMessage,
+}
+
+#[derive(Deserialize)]
+struct ResponseMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+/// One failed attempt: the error, and whether and when to try again.
+struct Attempt {
+    error: LlmError,
+    retry: bool,
+    after: Option<Duration>,
+}
+
+impl OpenAiClient {
+    /// A client for `[llm]`.
+    pub fn new(settings: &LlmSettings) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(settings.timeout_secs))
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(settings.max_concurrency)
+            .build()?;
+        Ok(Self {
+            http,
+            url: format!(
+                "{}/chat/completions",
+                settings.base_url.trim_end_matches('/')
+            ),
+            api_key: settings.api_key.clone(),
+            model: settings.model.clone(),
+            max_tokens: settings.max_tokens,
+            temperature: settings.temperature,
+            max_retries: settings.max_retries,
+        })
+    }
+
+    async fn attempt(&self, messages: &[ChatMessage]) -> Result<Completion, Attempt> {
+        let body = Request {
+            model: &self.model,
+            messages,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+        };
+        let mut req = self.http.post(&self.url).json(&body);
+        if !self.api_key.is_empty() {
+            req = req.bearer_auth(self.api_key.expose());
+        }
+        let resp = req.send().await.map_err(|e| Attempt {
+            error: if e.is_timeout() {
+                LlmError::Timeout
+            } else {
+                LlmError::Network(without_url(&e))
+            },
+            retry: true,
+            after: None,
+        })?;
+        let status = resp.status().as_u16();
+        let after = retry_after(resp.headers());
+        let should_retry = resp
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v == "true");
+        if (200..300).contains(&status) {
+            let bytes = resp.bytes().await.map_err(|e| Attempt {
+                error: if e.is_timeout() {
+                    LlmError::Timeout
+                } else {
+                    LlmError::Network(without_url(&e))
+                },
+                retry: true,
+                after: None,
+            })?;
+            return parse_completion(&bytes).map_err(|error| Attempt {
+                error,
+                retry: false,
+                after: None,
+            });
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let (code, message) = error_fields(&text);
+        let error = match status {
+            429 if code == "insufficient_quota" => LlmError::QuotaExhausted,
+            429 => LlmError::RateLimited,
+            500..=599 => LlmError::Server(status),
+            _ => LlmError::Refused { status, message },
+        };
+        let retry = should_retry.unwrap_or(match error {
+            LlmError::QuotaExhausted => false,
+            LlmError::Refused { status, .. } => matches!(status, 408 | 409),
+            _ => true,
+        });
+        Err(Attempt {
+            error,
+            retry,
+            after,
+        })
+    }
+}
+
+#[async_trait]
+impl LlmClient for OpenAiClient {
+    async fn chat(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
+        let m = crate::metrics::get();
+        let mut n = 0;
+        loop {
+            let started = Instant::now();
+            match self.attempt(messages).await {
+                Ok(c) => {
+                    m.llm_requests.with_label_values(&["ok"]).inc();
+                    m.llm_duration
+                        .with_label_values(&[] as &[&str])
+                        .observe(started.elapsed().as_secs_f64());
+                    m.llm_tokens
+                        .with_label_values(&["prompt"])
+                        .inc_by(c.prompt_tokens);
+                    m.llm_tokens
+                        .with_label_values(&["completion"])
+                        .inc_by(c.completion_tokens);
+                    return Ok(c);
+                }
+                Err(a) => {
+                    m.llm_requests.with_label_values(&[a.error.outcome()]).inc();
+                    if !a.retry || n >= self.max_retries {
+                        return Err(a.error);
+                    }
+                    let delay = a.after.unwrap_or_else(|| backoff(n));
+                    tracing::warn!(error = %a.error, attempt = n + 1, delay_ms = delay.as_millis() as u64, "model call failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    n += 1;
+                }
+            }
+        }
+    }
+}
+
+/// reqwest errors print the URL; ours may carry a key in the query of some providers.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "<model url>");
+    }
+    s
+}
+
+fn parse_completion(bytes: &[u8]) -> Result<Completion, LlmError> {
+    let r: Response =
+        serde_json::from_slice(bytes).map_err(|e| LlmError::Malformed(e.to_string()))?;
+    let content = r
+        .choices
+        .into_iter()
+        .next()
+        .and_then(|c| c.message.content)
+        .ok_or_else(|| LlmError::Malformed("no choices[0].message.content".into()))?;
+    let text = strip_reasoning(&content);
+    if text.is_empty() {
+        return Err(LlmError::Malformed("empty answer".into()));
+    }
+    let usage = r.usage.unwrap_or(Usage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    });
+    Ok(Completion {
+        text,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+    })
+}
+
+fn error_fields(body: &str) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let err = &v["error"];
+    let code = err["code"].as_str().unwrap_or_default().to_string();
+    let mut message = err["message"].as_str().unwrap_or(body).to_string();
+    if message.len() > 200 {
+        let mut end = 200;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    (code, message)
+}
+
+/// The delay the server asked for, if it is sane (0 < d ≤ 120 s).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let d = if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        Duration::from_secs_f64(ms / 1000.0)
+    } else {
+        let secs = get("retry-after")?.trim().parse::<f64>().ok()?;
+        if !secs.is_finite() || secs < 0.0 {
+            return None;
+        }
+        Duration::from_secs_f64(secs)
+    };
+    (d > Duration::ZERO && d <= Duration::from_secs(120)).then_some(d)
+}
+
+/// min(0.5·2ⁿ, 8) s, minus up to 25 % jitter.
+fn backoff(n: u32) -> Duration {
+    let base = (0.5 * 2f64.powi(n as i32)).min(8.0);
+    let jitter = 1.0 - 0.25 * rand::rng().random::<f64>();
+    Duration::from_secs_f64(base * jitter)
+}
+
+/// Removes `<think>…</think>` blocks (and an unclosed leading one) and trims.
+pub fn strip_reasoning(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("<think>") {
+        out.push_str(&rest[..start]);
+        match rest[start..].find("</think>") {
+            Some(end) => rest = &rest[start + end + "</think>".len()..],
+            None => {
+                rest = "";
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasoning_is_removed() {
+        assert_eq!(strip_reasoning("<think>hmm</think>\n\nHello"), "Hello");
+        assert_eq!(
+            strip_reasoning("A<think>x</think>B<think>y</think>C"),
+            "ABC"
+        );
+        assert_eq!(strip_reasoning("<think>never closed"), "");
+        assert_eq!(strip_reasoning("plain"), "plain");
+    }
+
+    #[test]
+    fn completion_parsing_ignores_reasoning_content() {
+        let body = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi","reasoning_content":"secret thoughts"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!((c.text.as_str(), c.prompt_tokens), ("Hi", 3));
+        assert!(parse_completion(br#"{"choices":[]}"#).is_err());
+        assert!(parse_completion(b"not json").is_err());
+    }
+
+    #[test]
+    fn retry_after_headers_are_honoured_within_bounds() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "1.5".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        h.insert("retry-after-ms", "200".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(200)));
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "600".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+        assert!(backoff(10) <= Duration::from_secs(8));
+    }
+}

@@ -1,0 +1,160 @@
+//! Every metric Parley exports, named in one place. Names carry the `parley_` prefix and
+//! base units; counters end in `_total`; labels come from closed sets (platform, route,
+//! outcome, api) and never carry user ids, chat ids or text. One process-wide registry,
+//! rendered by the admin endpoint `/metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use std::sync::OnceLock;
+
+/// The process's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Callbacks by route and outcome (`accepted`, `duplicate`, `bad_signature`, …).
+    pub http_requests: IntCounterVec,
+    /// Time from request to the 2xx/4xx answer, by route.
+    pub ack_duration: HistogramVec,
+    /// Jobs finished by the worker, by platform and outcome.
+    pub jobs: IntCounterVec,
+    /// Time from the ingress accepting a job to the last reply part delivered, by platform.
+    pub job_duration: HistogramVec,
+    /// Jobs being processed now.
+    pub jobs_in_flight: IntGauge,
+    /// Jobs waiting in the embedded queue.
+    pub queue_depth: IntGauge,
+    /// Model calls by outcome (`ok`, `rate_limited`, `server_error`, `timeout`, …).
+    pub llm_requests: IntCounterVec,
+    /// Duration of successful model calls.
+    pub llm_duration: HistogramVec,
+    /// Tokens reported by the model, by kind (`prompt`, `completion`).
+    pub llm_tokens: IntCounterVec,
+    /// Calls to platform APIs by platform, api and outcome.
+    pub platform_requests: IntCounterVec,
+    /// Access-token fetches by platform.
+    pub token_fetches: IntCounterVec,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process-wide metrics, created on first use.
+pub fn get() -> &'static Metrics {
+    METRICS.get_or_init(Metrics::new)
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let fast = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+        ];
+        let slow = vec![0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+        Self {
+            http_requests: counter(
+                &r,
+                "parley_http_requests_total",
+                "Callbacks and API requests received, by route and outcome.",
+                &["route", "outcome"],
+            ),
+            ack_duration: histogram(
+                &r,
+                "parley_ack_duration_seconds",
+                "Time from receiving a callback to answering it.",
+                &["route"],
+                fast,
+            ),
+            jobs: counter(
+                &r,
+                "parley_jobs_total",
+                "Jobs finished by workers, by platform and outcome.",
+                &["platform", "outcome"],
+            ),
+            job_duration: histogram(
+                &r,
+                "parley_job_duration_seconds",
+                "Time from accepting a message to delivering its whole answer.",
+                &["platform"],
+                slow.clone(),
+            ),
+            jobs_in_flight: gauge(&r, "parley_jobs_in_flight", "Jobs being processed now."),
+            queue_depth: gauge(
+                &r,
+                "parley_queue_depth",
+                "Jobs waiting in the embedded queue.",
+            ),
+            llm_requests: counter(
+                &r,
+                "parley_llm_requests_total",
+                "Model calls, by outcome.",
+                &["outcome"],
+            ),
+            llm_duration: histogram(
+                &r,
+                "parley_llm_duration_seconds",
+                "Duration of successful model calls.",
+                &[],
+                slow,
+            ),
+            llm_tokens: counter(
+                &r,
+                "parley_llm_tokens_total",
+                "Tokens reported by the model, by kind.",
+                &["kind"],
+            ),
+            platform_requests: counter(
+                &r,
+                "parley_platform_requests_total",
+                "Calls to platform APIs, by platform, api and outcome.",
+                &["platform", "api", "outcome"],
+            ),
+            token_fetches: counter(
+                &r,
+                "parley_token_fetches_total",
+                "Access-token fetches, by platform.",
+                &["platform"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("text exposition is UTF-8")
+    }
+}

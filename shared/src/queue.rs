@@ -1,0 +1,334 @@
+//! The job-queue seam: publish (confirmed), consume, and settle each delivery exactly once
+//! as ack, retry-later or dead-letter. `MemoryQueue` is the embedded backend used by
+//! `parley serve` without a broker: bounded, with the same settle semantics as the broker
+//! backend, including "a delivery dropped without being settled goes back to the queue".
+
+use crate::job::Job;
+use async_trait::async_trait;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Why the queue could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue is at capacity; the caller should ask the platform to retry (503).
+    #[error("queue is full")]
+    Full,
+    /// The queue is shut down or its connection is gone.
+    #[error("queue is unavailable: {0}")]
+    Unavailable(String),
+    /// The broker did not confirm in time.
+    #[error("publish not confirmed in time")]
+    ConfirmTimeout,
+}
+
+/// How a delivery ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: remove it.
+    Ack,
+    /// Deliver again after `delay`, counting one more attempt.
+    Retry {
+        /// How long to wait first.
+        delay: Duration,
+    },
+    /// Give up: park it in the dead-letter store with the reason.
+    DeadLetter {
+        /// Short cause, for `parley dlq list` and the log.
+        reason: String,
+    },
+}
+
+/// A job taken from the queue, to be settled once.
+pub struct Delivery {
+    /// The job.
+    pub job: Job,
+    /// 1 for the first delivery, 2 after one retry, …
+    pub attempt: u32,
+    settler: Box<dyn Settle>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("job", &self.job.id)
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Builds a delivery; for queue backends.
+    pub fn new(job: Job, attempt: u32, settler: Box<dyn Settle>) -> Self {
+        Self {
+            job,
+            attempt,
+            settler,
+        }
+    }
+
+    /// Settles the delivery.
+    pub async fn settle(self, settlement: Settlement) -> Result<(), QueueError> {
+        self.settler
+            .settle(&self.job, self.attempt, settlement)
+            .await
+    }
+}
+
+/// Backend half of a delivery: how to ack, retry or dead-letter it.
+#[async_trait]
+pub trait Settle: Send + Sync {
+    /// Carries out the settlement of `job` at `attempt`.
+    async fn settle(
+        self: Box<Self>,
+        job: &Job,
+        attempt: u32,
+        settlement: Settlement,
+    ) -> Result<(), QueueError>;
+}
+
+/// A job that was given up on.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// The job.
+    pub job: Job,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why it was given up.
+    pub reason: String,
+    /// When (ms since epoch).
+    pub at_ms: i64,
+}
+
+/// The job queue seam.
+#[async_trait]
+pub trait JobQueue: Send + Sync + fmt::Debug {
+    /// Stores the job durably; returns only once it is safe to tell the platform 2xx.
+    async fn publish(&self, job: &Job) -> Result<(), QueueError>;
+    /// Waits for the next delivery. Cancel-safe: dropping the future loses nothing.
+    async fn next(&self) -> Result<Delivery, QueueError>;
+    /// Whether the queue can take and give jobs now (drives `/readyz`).
+    fn is_ready(&self) -> bool;
+    /// The dead letters, oldest first.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError>;
+    /// Puts dead letters back on the queue (all when `id` is None); returns how many.
+    async fn replay_dead_letters(&self, id: Option<&str>) -> Result<usize, QueueError>;
+}
+
+struct Envelope {
+    job: Job,
+    attempt: u32,
+}
+
+/// The embedded, in-process queue.
+#[derive(Clone)]
+pub struct MemoryQueue {
+    inner: Arc<MemoryInner>,
+}
+
+struct MemoryInner {
+    tx: mpsc::Sender<Envelope>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Envelope>>,
+    dead: Mutex<Vec<DeadLetter>>,
+}
+
+impl fmt::Debug for MemoryQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryQueue")
+            .field("depth", &self.depth())
+            .finish()
+    }
+}
+
+impl MemoryQueue {
+    /// A queue holding at most `capacity` waiting jobs.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity);
+        Self {
+            inner: Arc::new(MemoryInner {
+                tx,
+                rx: tokio::sync::Mutex::new(rx),
+                dead: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Jobs waiting (not in flight).
+    pub fn depth(&self) -> usize {
+        self.inner.tx.max_capacity() - self.inner.tx.capacity()
+    }
+
+    fn push(&self, job: Job, attempt: u32) -> Result<(), QueueError> {
+        self.inner
+            .tx
+            .try_send(Envelope { job, attempt })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => QueueError::Full,
+                mpsc::error::TrySendError::Closed(_) => QueueError::Unavailable("closed".into()),
+            })?;
+        crate::metrics::get().queue_depth.set(self.depth() as i64);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobQueue for MemoryQueue {
+    async fn publish(&self, job: &Job) -> Result<(), QueueError> {
+        self.push(job.clone(), 1)
+    }
+
+    async fn next(&self) -> Result<Delivery, QueueError> {
+        let env = {
+            let mut rx = self.inner.rx.lock().await;
+            rx.recv()
+                .await
+                .ok_or_else(|| QueueError::Unavailable("closed".into()))?
+        };
+        crate::metrics::get().queue_depth.set(self.depth() as i64);
+        let settler = MemorySettle {
+            queue: self.clone(),
+            settled: AtomicBool::new(false),
+            job: Mutex::new(Some(env.job.clone())),
+            attempt: env.attempt,
+        };
+        Ok(Delivery::new(env.job, env.attempt, Box::new(settler)))
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
+        Ok(self.inner.dead.lock().unwrap().clone())
+    }
+
+    async fn replay_dead_letters(&self, id: Option<&str>) -> Result<usize, QueueError> {
+        let taken: Vec<DeadLetter> = {
+            let mut dead = self.inner.dead.lock().unwrap();
+            let (take, keep) = dead
+                .drain(..)
+                .partition(|d| id.is_none_or(|id| d.job.id == id));
+            *dead = keep;
+            take
+        };
+        let n = taken.len();
+        for d in taken {
+            self.push(d.job, 1)?;
+        }
+        Ok(n)
+    }
+}
+
+/// Settles an embedded delivery; if dropped unsettled (worker shut down or crashed task),
+/// the job goes back to the queue, as an unacked broker delivery would.
+struct MemorySettle {
+    queue: MemoryQueue,
+    settled: AtomicBool,
+    job: Mutex<Option<Job>>,
+    attempt: u32,
+}
+
+#[async_trait]
+impl Settle for MemorySettle {
+    async fn settle(
+        self: Box<Self>,
+        job: &Job,
+        attempt: u32,
+        settlement: Settlement,
+    ) -> Result<(), QueueError> {
+        self.settled.store(true, Ordering::SeqCst);
+        match settlement {
+            Settlement::Ack => {}
+            Settlement::Retry { delay } => {
+                let queue = self.queue.clone();
+                let job = job.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Err(e) = queue.push(job, attempt + 1) {
+                        tracing::error!(error = %e, "embedded queue could not take a retried job back");
+                    }
+                });
+            }
+            Settlement::DeadLetter { reason } => {
+                self.queue.inner.dead.lock().unwrap().push(DeadLetter {
+                    job: job.clone(),
+                    attempts: attempt,
+                    reason,
+                    at_ms: crate::now_ms(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MemorySettle {
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::SeqCst)
+            && let Some(job) = self.job.lock().unwrap().take()
+        {
+            // Unsettled: same as an unacked broker delivery, it comes again.
+            let _ = self.queue.push(job, self.attempt);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::tests::sample_job;
+
+    #[tokio::test]
+    async fn published_job_is_delivered_and_acked() {
+        let q = MemoryQueue::new(4);
+        q.publish(&sample_job("a", "hi")).await.unwrap();
+        let d = q.next().await.unwrap();
+        assert_eq!((d.job.id.as_str(), d.attempt), ("a", 1));
+        d.settle(Settlement::Ack).await.unwrap();
+        assert_eq!(q.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn full_queue_refuses() {
+        let q = MemoryQueue::new(1);
+        q.publish(&sample_job("a", "hi")).await.unwrap();
+        assert!(matches!(
+            q.publish(&sample_job("b", "hi")).await,
+            Err(QueueError::Full)
+        ));
+    }
+
+    #[tokio::test]
+    async fn retry_comes_back_with_next_attempt_and_dead_letters_replay() {
+        let q = MemoryQueue::new(4);
+        q.publish(&sample_job("a", "hi")).await.unwrap();
+        let d = q.next().await.unwrap();
+        d.settle(Settlement::Retry {
+            delay: Duration::from_millis(10),
+        })
+        .await
+        .unwrap();
+        let d = q.next().await.unwrap();
+        assert_eq!(d.attempt, 2);
+        d.settle(Settlement::DeadLetter {
+            reason: "poison".into(),
+        })
+        .await
+        .unwrap();
+        let dead = q.dead_letters().await.unwrap();
+        assert_eq!((dead.len(), dead[0].attempts), (1, 2));
+        assert_eq!(q.replay_dead_letters(Some("a")).await.unwrap(), 1);
+        assert_eq!(q.next().await.unwrap().attempt, 1);
+    }
+
+    #[tokio::test]
+    async fn dropped_delivery_returns_to_the_queue() {
+        let q = MemoryQueue::new(4);
+        q.publish(&sample_job("a", "hi")).await.unwrap();
+        drop(q.next().await.unwrap());
+        assert_eq!(q.next().await.unwrap().job.id, "a");
+    }
+}

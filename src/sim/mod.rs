@@ -1,0 +1,132 @@
+//! Faithful fakes of the platforms and the model, plus a load generator; used by tests,
+//! `parley demo` and `parley sim`.
+//!
+//! [`FakeDingTalk`] plays DingTalk's side (access tokens, robot sends, sessionWebhooks, signed
+//! callbacks), [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint, and [`run_load`] an
+//! open-loop callback generator for benchmarks. The fakes speak the wire formats of
+//! PROTOCOLS.md, record what they receive, accept scripted faults, bind port 0 in tests and
+//! start in milliseconds.
+
+pub mod dingtalk;
+pub mod load;
+pub mod openai;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use dingtalk::{
+    CallbackSpec, ConversationType, FakeApp, FakeDingTalk, SentMessage, Via, send_callback,
+};
+pub use load::{LoadArgs, LoadReport, Percentiles, ReplyReport, run_load};
+pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
+
+/// `parley sim …` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum SimCommand {
+    /// Run the fake DingTalk and the fake OpenAI-compatible model until Ctrl-C.
+    Serve {
+        /// Listen address of the fake DingTalk (OpenAPI gateway and sessionWebhooks).
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        dingtalk_listen: SocketAddr,
+        /// Listen address of the fake model (`/v1/chat/completions`).
+        #[arg(long, default_value = "127.0.0.1:9200")]
+        openai_listen: SocketAddr,
+        /// A robot app as KEY:SECRET (repeatable).
+        #[arg(
+            long = "app",
+            value_name = "KEY:SECRET",
+            default_value = "demo-app:demo-secret"
+        )]
+        apps: Vec<FakeApp>,
+        /// The API key the fake model accepts.
+        #[arg(long, default_value = "sk-sim")]
+        api_key: String,
+        /// Delay before every model answer, in ms.
+        #[arg(long, default_value_t = 0)]
+        llm_latency_ms: u64,
+        /// Every Nth model request gets a 500 (0 = never).
+        #[arg(long, default_value_t = 0)]
+        llm_fail_every: usize,
+    },
+    /// Send signed callbacks at a fixed rate to an ingress and measure acks and replies.
+    Load(LoadArgs),
+}
+
+/// Runs a `parley sim` subcommand to completion.
+pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
+    match cmd {
+        SimCommand::Serve {
+            dingtalk_listen,
+            openai_listen,
+            apps,
+            api_key,
+            llm_latency_ms,
+            llm_fail_every,
+        } => {
+            let app_keys: Vec<String> = apps.iter().map(|a| a.app_key.clone()).collect();
+            let dingtalk = FakeDingTalk::start(dingtalk_listen, apps)
+                .await
+                .with_context(|| format!("starting the fake DingTalk on {dingtalk_listen}"))?;
+            let llm = FakeLlm::start(
+                openai_listen,
+                FakeLlmOptions {
+                    api_key,
+                    latency: Duration::from_millis(llm_latency_ms),
+                    fail_every: llm_fail_every,
+                },
+            )
+            .await
+            .with_context(|| format!("starting the fake model on {openai_listen}"))?;
+            println!(
+                "fake DingTalk  {}  (apps: {})",
+                dingtalk.base_url(),
+                app_keys.join(", ")
+            );
+            println!("fake OpenAI    {}", llm.base_url());
+            println!("Ctrl-C to stop");
+            let echo = tokio::spawn(print_replies(dingtalk.clone()));
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
+            echo.abort();
+            dingtalk.shutdown();
+            llm.shutdown();
+            Ok(())
+        }
+        SimCommand::Load(args) => run_load(args).await.map(|_| ()),
+    }
+}
+
+/// Prints every message the fake DingTalk accepts, one line each, as it arrives.
+async fn print_replies(dingtalk: FakeDingTalk) {
+    let mut shown = 0;
+    loop {
+        let sent = dingtalk
+            .wait_for(shown + 1, Duration::from_secs(3600))
+            .await;
+        for msg in sent.iter().skip(shown) {
+            let to = msg
+                .conversation_id
+                .clone()
+                .unwrap_or_else(|| msg.user_ids.join(","));
+            println!("← {:?} to {to} [{}]: {}", msg.via, msg.msgtype, msg.content);
+        }
+        shown = shown.max(sent.len());
+    }
+}
+
+/// The address to put in URLs for a server bound to `addr`: an unspecified IP (0.0.0.0 or
+/// ::) becomes the loopback address of the same family.
+pub(crate) fn connectable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
