@@ -87,6 +87,12 @@ pub struct QueueSettings {
     pub capacity: usize,
     /// Delivery attempts before a job is dead-lettered. Default 5.
     pub max_attempts: u32,
+    /// Prefix of every exchange and queue name, so deployments (and test runs) can share
+    /// one broker. Default `parley`.
+    pub prefix: String,
+    /// How long the ingress waits for the broker's publish confirm before answering 503,
+    /// in milliseconds. Default 2000.
+    pub confirm_timeout_ms: u64,
 }
 
 impl Default for QueueSettings {
@@ -95,6 +101,8 @@ impl Default for QueueSettings {
             url: None,
             capacity: 100_000,
             max_attempts: 5,
+            prefix: "parley".into(),
+            confirm_timeout_ms: 2000,
         }
     }
 }

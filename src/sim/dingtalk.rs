@@ -1176,6 +1176,17 @@ mod tests {
         assert_eq!(resp.status(), 200);
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["errcode"], 300_001);
+        dt.expire_sessions();
+        let v: Value = client
+            .post(&url)
+            .json(&json!({ "msgtype": "text", "text": { "content": "after expiry" } }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["errcode"], 300_001);
         assert_eq!(dt.sent().len(), 1);
     }
 
@@ -1221,6 +1232,79 @@ mod tests {
             sent[0].conversation_id.as_deref(),
             Some(audio.conversation_id.as_str())
         );
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_rejected_and_replaced() {
+        let dt = fake().await;
+        let client = reqwest::Client::new();
+        dt.set_token_ttl(0);
+        let url = format!("{}/v1.0/oauth2/accessToken", dt.base_url());
+        let body = json!({ "appKey": "app1", "appSecret": "secret1" });
+        let first: Value = client
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(first["expireIn"], 0);
+        let (status, v) = group_send_with(
+            &client,
+            &dt,
+            first["accessToken"].as_str().unwrap(),
+            json!({
+                "robotCode": "app1", "openConversationId": "cid1==", "msgKey": "sampleText",
+                "msgParam": "{\"content\":\"hi\"}",
+            }),
+        )
+        .await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (400, Some("InvalidAuthentication"))
+        );
+        dt.set_token_ttl(DEFAULT_TOKEN_TTL_SECS);
+        let second = token(&client, &dt).await;
+        assert_ne!(Some(second.as_str()), first["accessToken"].as_str());
+    }
+
+    #[tokio::test]
+    async fn send_callback_signs_like_dingtalk() {
+        let app = Router::new().route(
+            "/cb",
+            post(|headers: HeaderMap, body: Bytes| async move {
+                let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                let verified = shared::dingtalk::sign::verify_callback(
+                    "secret1",
+                    header("timestamp"),
+                    header("sign"),
+                    shared::now_ms(),
+                );
+                let json_ct = header("content-type") == Some("application/json; charset=utf-8");
+                let parsed = serde_json::from_slice::<Value>(&body).is_ok();
+                if verified.is_ok() && json_ct && parsed {
+                    StatusCode::OK
+                } else {
+                    StatusCode::FORBIDDEN
+                }
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dt = fake().await;
+        let body = dt.callback_body(&CallbackSpec::one_to_one("app1", "staff1", "hi"));
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/cb");
+        let ok = send_callback(&client, &url, "secret1", &bytes)
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        let forged = send_callback(&client, &url, "other", &bytes).await.unwrap();
+        assert_eq!(forged.status(), 403);
     }
 
     #[tokio::test]

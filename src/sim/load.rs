@@ -45,7 +45,8 @@ pub struct LoadArgs {
     /// Use group conversations (default: one-to-one chats).
     #[arg(long)]
     pub group: bool,
-    /// Where the in-process fake DingTalk listens (its sessionWebhooks receive the replies).
+    /// Where the in-process fake DingTalk listens: its sessionWebhooks receive the replies.
+    /// Pick a fixed port if Parley must also reach it for OpenAPI sends.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub fake_listen: SocketAddr,
     /// Wait up to this many seconds for one reply per accepted callback (0 = don't wait).

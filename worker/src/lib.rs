@@ -54,8 +54,8 @@ pub enum Outcome {
 
 /// Delay before the n-th retry: growing tiers, so a platform outage is not hammered.
 pub fn retry_delay(attempt: u32) -> Duration {
-    const TIERS: [u64; 4] = [5, 30, 120, 600];
-    Duration::from_secs(TIERS[(attempt.saturating_sub(1) as usize).min(TIERS.len() - 1)])
+    let tiers = shared::queue::RETRY_TIERS_SECS;
+    Duration::from_secs(tiers[(attempt.saturating_sub(1) as usize).min(tiers.len() - 1)])
 }
 
 /// The one place that turns an outcome into what happens to the delivery.

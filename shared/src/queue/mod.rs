@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Delays of the retry tiers, in seconds: the n-th retry waits the n-th tier (the last
+/// one repeats). Fixed, because a broker backend declares one delay queue per tier.
+pub const RETRY_TIERS_SECS: [u64; 4] = [5, 30, 120, 600];
+
 /// Why the queue could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
