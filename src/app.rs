@@ -15,6 +15,7 @@ use shared::llm::{LlmClient, OpenAiClient};
 use shared::messenger::Messenger;
 use shared::queue::{JobQueue, MemoryQueue};
 use shared::token::TokenCache;
+use shared::wecom::client::WecomMessenger;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -82,6 +83,9 @@ impl Application {
                     b.clone(),
                     tokens.clone(),
                 )),
+                BotSettings::Wecom(b) => {
+                    Arc::new(WecomMessenger::new(http.clone(), b.clone(), tokens.clone()))
+                }
             };
             messengers.insert((bot.platform(), bot.id().to_string()), m);
         }

@@ -6,15 +6,18 @@
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::RawQuery;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use shared::cache::Cache;
-use shared::config::{BotSettings, Platform, Settings};
+use shared::config::{BotSettings, DingTalkBot, Platform, Settings, WecomBot};
 use shared::dingtalk;
 use shared::job::Job;
 use shared::queue::{JobQueue, QueueError};
+use shared::wecom::crypto::{CryptoError, WecomCrypto};
+use shared::wecom::xml::XmlError;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -26,8 +29,14 @@ pub struct IngressState {
     inner: Arc<Inner>,
 }
 
+/// A bot as the ingress needs it: WeCom's AES key is decoded once, at start-up.
+enum Bot {
+    DingTalk(DingTalkBot),
+    Wecom(WecomBot, WecomCrypto),
+}
+
 struct Inner {
-    bots: HashMap<(Platform, String), BotSettings>,
+    bots: HashMap<(Platform, String), Bot>,
     queue: Arc<dyn JobQueue>,
     cache: Arc<dyn Cache>,
     body_limit: usize,
@@ -48,7 +57,21 @@ impl IngressState {
         let bots = settings
             .bots
             .iter()
-            .map(|b| ((b.platform(), b.id().to_string()), b.clone()))
+            .map(|b| {
+                let bot = match b {
+                    BotSettings::DingTalk(d) => Bot::DingTalk(d.clone()),
+                    BotSettings::Wecom(w) => {
+                        let crypto = WecomCrypto::new(
+                            w.token.expose(),
+                            w.encoding_aes_key.expose(),
+                            &w.corp_id,
+                        )
+                        .expect("EncodingAESKey was validated with the configuration");
+                        Bot::Wecom(w.clone(), crypto)
+                    }
+                };
+                ((b.platform(), b.id().to_string()), bot)
+            })
             .collect();
         Self {
             inner: Arc::new(Inner {
@@ -66,6 +89,10 @@ impl IngressState {
 pub fn router(state: IngressState) -> Router {
     Router::new()
         .route("/dingtalk/{bot_id}", post(dingtalk_callback))
+        .route(
+            "/wecom/{bot_id}",
+            post(wecom_callback).get(wecom_verify_url),
+        )
         .with_state(state)
 }
 
@@ -87,6 +114,18 @@ pub enum Rejection {
     /// Signed, but not a message we can parse.
     #[error("{0}")]
     Malformed(#[from] dingtalk::callback::CallbackError),
+    /// A required query parameter is absent.
+    #[error("missing query parameter {0}")]
+    MissingParam(&'static str),
+    /// The timestamp is not a number or more than an hour away.
+    #[error("stale or malformed timestamp")]
+    StaleTimestamp,
+    /// WeCom signature or decryption refused.
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+    /// WeCom XML refused.
+    #[error("{0}")]
+    Xml(#[from] XmlError),
     /// The queue cannot take the job now; the platform should retry.
     #[error("queue: {0}")]
     Queue(#[from] QueueError),
@@ -105,7 +144,13 @@ impl Rejection {
             Rejection::Signature(MissingHeader | SignatureMismatch) => StatusCode::UNAUTHORIZED,
             Rejection::Signature(StaleTimestamp) => StatusCode::FORBIDDEN,
             Rejection::Signature(MalformedTimestamp) => StatusCode::BAD_REQUEST,
-            Rejection::Malformed(_) => StatusCode::BAD_REQUEST,
+            Rejection::Malformed(_) | Rejection::MissingParam(_) => StatusCode::BAD_REQUEST,
+            Rejection::StaleTimestamp => StatusCode::FORBIDDEN,
+            Rejection::Crypto(CryptoError::SignatureMismatch) => StatusCode::UNAUTHORIZED,
+            Rejection::Crypto(CryptoError::ReceiveIdMismatch) => StatusCode::FORBIDDEN,
+            Rejection::Crypto(_) => StatusCode::BAD_REQUEST,
+            Rejection::Xml(XmlError::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::Xml(_) => StatusCode::BAD_REQUEST,
             Rejection::Queue(_) | Rejection::CacheDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -120,7 +165,11 @@ impl Rejection {
             Rejection::Signature(MissingHeader | SignatureMismatch) => "bad_signature",
             Rejection::Signature(StaleTimestamp) => "stale_timestamp",
             Rejection::Signature(MalformedTimestamp) => "bad_timestamp",
-            Rejection::Malformed(_) => "malformed",
+            Rejection::Malformed(_) | Rejection::Xml(_) | Rejection::MissingParam(_) => "malformed",
+            Rejection::StaleTimestamp => "stale_timestamp",
+            Rejection::Crypto(CryptoError::SignatureMismatch) => "bad_signature",
+            Rejection::Crypto(CryptoError::ReceiveIdMismatch) => "wrong_receiver",
+            Rejection::Crypto(_) => "bad_ciphertext",
             Rejection::Queue(_) => "queue_unavailable",
             Rejection::CacheDown => "cache_unavailable",
         }
@@ -134,6 +183,8 @@ pub enum Accepted {
     Queued,
     /// A platform retry of a message already queued.
     Duplicate,
+    /// Valid, but needs no answer (an event we do not act on).
+    Ignored,
 }
 
 /// Reads the body, refusing more than `limit` bytes without buffering them.
@@ -190,6 +241,7 @@ fn finish(
         Ok(accepted) => {
             let outcome = match accepted {
                 Accepted::Queued => "accepted",
+                Accepted::Ignored => "ignored",
                 Accepted::Duplicate => {
                     tracing::info!(route, bot = bot_id, "duplicate callback dropped");
                     "duplicate"
@@ -231,7 +283,7 @@ async fn handle_dingtalk(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Accepted, Rejection> {
-    let Some(BotSettings::DingTalk(bot)) = state
+    let Some(Bot::DingTalk(bot)) = state
         .inner
         .bots
         .get(&(Platform::DingTalk, bot_id.to_string()))
@@ -249,4 +301,105 @@ async fn handle_dingtalk(
     let body = read_body(body, state.inner.body_limit).await?;
     let job = dingtalk::callback::parse(&bot.id, &body, now)?;
     enqueue(state, &job).await
+}
+
+fn wecom_bot<'a>(
+    state: &'a IngressState,
+    bot_id: &str,
+) -> Result<(&'a WecomBot, &'a WecomCrypto), Rejection> {
+    match state.inner.bots.get(&(Platform::Wecom, bot_id.to_string())) {
+        Some(Bot::Wecom(bot, crypto)) => Ok((bot, crypto)),
+        _ => Err(Rejection::UnknownBot),
+    }
+}
+
+/// The query parameters WeCom signs. Percent-decoded by hand: `echostr` is base64 and a
+/// form decoder would turn its `+` into a space and break the signature.
+struct WecomQuery {
+    msg_signature: String,
+    timestamp: String,
+    nonce: String,
+    echostr: Option<String>,
+}
+
+impl WecomQuery {
+    fn parse(raw: Option<&str>) -> Result<Self, Rejection> {
+        let mut params: HashMap<&str, String> = HashMap::new();
+        for pair in raw.unwrap_or_default().split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned();
+            params.insert(k, v);
+        }
+        let mut take = |k: &'static str| params.remove(k).ok_or(Rejection::MissingParam(k));
+        Ok(Self {
+            msg_signature: take("msg_signature")?,
+            timestamp: take("timestamp")?,
+            nonce: take("nonce")?,
+            echostr: take("echostr").ok(),
+        })
+    }
+}
+
+async fn wecom_verify_url(
+    State(state): State<IngressState>,
+    Path(bot_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let started = Instant::now();
+    let result = (|| {
+        let (_, crypto) = wecom_bot(&state, &bot_id)?;
+        let q = WecomQuery::parse(query.as_deref())?;
+        let echostr = q.echostr.ok_or(Rejection::MissingParam("echostr"))?;
+        Ok(crypto.verify_url(&q.msg_signature, &q.timestamp, &q.nonce, &echostr)?)
+    })();
+    match result {
+        Ok(plain) => {
+            finish("wecom_verify", &bot_id, started, Ok(Accepted::Ignored));
+            tracing::info!(bot = %bot_id, "WeCom callback URL verified");
+            plain.into_response()
+        }
+        Err(r) => finish("wecom_verify", &bot_id, started, Err(r)),
+    }
+}
+
+async fn wecom_callback(
+    State(state): State<IngressState>,
+    Path(bot_id): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = handle_wecom(&state, &bot_id, query.as_deref(), body).await;
+    finish("wecom_callback", &bot_id, started, result)
+}
+
+async fn handle_wecom(
+    state: &IngressState,
+    bot_id: &str,
+    query: Option<&str>,
+    body: Body,
+) -> Result<Accepted, Rejection> {
+    let (bot, crypto) = wecom_bot(state, bot_id)?;
+    let q = WecomQuery::parse(query)?;
+    let now = shared::now_ms();
+    let ts: i64 = q
+        .timestamp
+        .trim()
+        .parse()
+        .map_err(|_| Rejection::StaleTimestamp)?;
+    if (now / 1000 - ts).abs() > dingtalk::sign::MAX_SKEW_MS / 1000 {
+        return Err(Rejection::StaleTimestamp);
+    }
+    let body = read_body(body, state.inner.body_limit).await?;
+    let xml = std::str::from_utf8(&body).map_err(|_| XmlError::Malformed("not UTF-8".into()))?;
+    let envelope = shared::wecom::xml::parse_envelope(xml)?;
+    let plain =
+        crypto.decrypt_verified(&q.msg_signature, &q.timestamp, &q.nonce, &envelope.encrypt)?;
+    let message = shared::wecom::xml::parse_message(&plain)?;
+    match shared::wecom::callback::to_job(bot, &message, now) {
+        Some(job) => enqueue(state, &job).await,
+        None => Ok(Accepted::Ignored),
+    }
 }

@@ -204,6 +204,8 @@ impl Default for HistorySettings {
 pub enum Platform {
     /// DingTalk (钉钉).
     DingTalk,
+    /// WeCom (企业微信).
+    Wecom,
 }
 
 impl Platform {
@@ -211,6 +213,7 @@ impl Platform {
     pub fn as_str(self) -> &'static str {
         match self {
             Platform::DingTalk => "dingtalk",
+            Platform::Wecom => "wecom",
         }
     }
 }
@@ -221,6 +224,8 @@ impl Platform {
 pub enum BotSettings {
     /// An enterprise-internal DingTalk robot (HTTP callback mode).
     DingTalk(DingTalkBot),
+    /// A WeCom self-built app (encrypted callbacks, `message/send` replies).
+    Wecom(WecomBot),
 }
 
 impl BotSettings {
@@ -228,6 +233,7 @@ impl BotSettings {
     pub fn id(&self) -> &str {
         match self {
             BotSettings::DingTalk(b) => &b.id,
+            BotSettings::Wecom(b) => &b.id,
         }
     }
 
@@ -235,6 +241,7 @@ impl BotSettings {
     pub fn platform(&self) -> Platform {
         match self {
             BotSettings::DingTalk(_) => Platform::DingTalk,
+            BotSettings::Wecom(_) => Platform::Wecom,
         }
     }
 }
@@ -262,6 +269,37 @@ impl DingTalkBot {
     pub fn robot_code(&self) -> &str {
         self.robot_code.as_deref().unwrap_or(&self.app_key)
     }
+}
+
+/// A WeCom self-built app (自建应用) receiving messages through its callback URL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WecomBot {
+    /// Route id: callbacks arrive at `GET/POST /wecom/{id}`.
+    pub id: String,
+    /// The company's CorpID (`ww…`); also the receive id inside every encrypted message.
+    pub corp_id: String,
+    /// The app's Secret, for `gettoken`.
+    pub corp_secret: Secret,
+    /// The app's AgentId.
+    pub agent_id: i64,
+    /// The callback Token (signs callbacks).
+    pub token: Secret,
+    /// The callback EncodingAESKey (43 characters).
+    pub encoding_aes_key: Secret,
+    /// API base. Default `https://qyapi.weixin.qq.com`.
+    #[serde(default = "default_wecom_api")]
+    pub api_base: String,
+    /// Send markdown answers as WeCom markdown (renders in the WeCom client only). Default false.
+    #[serde(default)]
+    pub markdown: bool,
+    /// Text sent when a member opens the app (`enter_agent`) or subscribes; absent = no reply.
+    #[serde(default)]
+    pub welcome_text: Option<String>,
+}
+
+fn default_wecom_api() -> String {
+    "https://qyapi.weixin.qq.com".into()
 }
 
 fn default_dingtalk_api() -> String {
@@ -374,6 +412,30 @@ impl Settings {
                     }
                     check_http_url(&format!("bots[{i}].api_base"), &b.api_base)?;
                 }
+                BotSettings::Wecom(b) => {
+                    let key = |k: &str| format!("bots[{i}].{k}");
+                    if b.corp_id.is_empty() {
+                        return Err(ConfigError::new(key("corp_id"), "must not be empty"));
+                    }
+                    if b.corp_secret.is_empty() {
+                        return Err(ConfigError::new(key("corp_secret"), "must not be empty"));
+                    }
+                    if b.token.is_empty() {
+                        return Err(ConfigError::new(key("token"), "must not be empty"));
+                    }
+                    crate::wecom::crypto::WecomCrypto::new(
+                        b.token.expose(),
+                        b.encoding_aes_key.expose(),
+                        &b.corp_id,
+                    )
+                    .map_err(|_| {
+                        ConfigError::new(
+                            key("encoding_aes_key"),
+                            "must be the 43-character EncodingAESKey from the WeCom console",
+                        )
+                    })?;
+                    check_http_url(&key("api_base"), &b.api_base)?;
+                }
             }
         }
         Ok(())
@@ -481,7 +543,9 @@ app_secret = "${DT_SECRET}"
         assert_eq!(s.llm.api_key.expose(), "sk-1");
         assert_eq!(s.llm.max_concurrency, 64);
         assert_eq!(s.server.body_limit_bytes, 65536);
-        let BotSettings::DingTalk(b) = &s.bots[0];
+        let BotSettings::DingTalk(b) = &s.bots[0] else {
+            panic!("a DingTalk bot")
+        };
         assert_eq!(b.app_secret.expose(), "s3cret");
         assert_eq!(b.api_base, "https://api.dingtalk.com");
         assert_eq!(b.robot_code(), "ding123");
@@ -515,6 +579,36 @@ app_secret = "${DT_SECRET}"
         let text = MINIMAL.replace("[llm]", "[server]\nlisten = \"nope\"\n[llm]");
         let err = Settings::from_toml(&text, env).unwrap_err().to_string();
         assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn wecom_bot_loads_and_a_bad_aes_key_names_the_key() {
+        let wecom = r#"
+[[bots]]
+id = "wx"
+platform = "wecom"
+corp_id = "ww1436e0e65a779aee"
+corp_secret = "cs"
+agent_id = 1000002
+token = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"
+encoding_aes_key = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
+"#;
+        let s = Settings::from_toml(&format!("{MINIMAL}{wecom}"), env).unwrap();
+        let BotSettings::Wecom(b) = &s.bots[1] else {
+            panic!("a WeCom bot")
+        };
+        assert_eq!(
+            (b.agent_id, b.api_base.as_str()),
+            (1000002, "https://qyapi.weixin.qq.com")
+        );
+        let bad = wecom.replace("6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt", "short");
+        let err = Settings::from_toml(&format!("{MINIMAL}{bad}"), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config: bots[1].encoding_aes_key:"),
+            "{err}"
+        );
     }
 
     #[test]

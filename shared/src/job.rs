@@ -50,6 +50,11 @@ pub enum Content {
         /// The text, trimmed of the @mention's leading space.
         text: String,
     },
+    /// A reply decided without the model (a welcome text): sent as it is.
+    Fixed {
+        /// The text to send.
+        text: String,
+    },
     /// Something the assistant cannot read (picture, file, video…).
     Unsupported {
         /// The platform's message type, e.g. `picture`.
@@ -64,6 +69,17 @@ pub enum ReplyTarget {
     /// A DingTalk robot conversation.
     #[serde(rename = "dingtalk")]
     DingTalk(DingTalkTarget),
+    /// A WeCom app member.
+    Wecom(WecomTarget),
+}
+
+/// Where a WeCom app answer goes: `message/send` to the member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WecomTarget {
+    /// The member's UserID (`FromUserName`).
+    pub user_id: String,
+    /// The app's AgentId.
+    pub agent_id: i64,
 }
 
 /// Where a DingTalk answer goes: the sessionWebhook while it is valid, else OpenAPI.
@@ -88,7 +104,7 @@ impl Job {
     pub fn text(&self) -> Option<&str> {
         match &self.content {
             Content::Text { text } => Some(text),
-            Content::Unsupported { .. } => None,
+            Content::Fixed { .. } | Content::Unsupported { .. } => None,
         }
     }
 

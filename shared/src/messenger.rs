@@ -46,6 +46,15 @@ pub enum SendError {
     Permanent(String),
 }
 
+impl From<crate::token::TokenRefused> for SendError {
+    fn from(e: crate::token::TokenRefused) -> Self {
+        SendError::Retryable {
+            reason: e.to_string(),
+            after: None,
+        }
+    }
+}
+
 /// The messenger seam.
 #[async_trait]
 pub trait Messenger: Send + Sync + fmt::Debug {

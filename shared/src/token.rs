@@ -22,6 +22,20 @@ pub struct AccessToken {
     pub expires_in: Duration,
 }
 
+/// The outcome of one API call made with a token.
+#[derive(Debug)]
+pub enum Authorized<T> {
+    /// The platform accepted the token; here is the call's result.
+    Ok(T),
+    /// The platform refused the token (expired or revoked early).
+    TokenRefused,
+}
+
+/// The platform refused a freshly fetched token too.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the platform refused a fresh access token")]
+pub struct TokenRefused;
+
 /// How long before the platform's expiry a token stops being reused.
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// How long one process may hold the fetch lock.
@@ -99,6 +113,27 @@ impl TokenCache {
         }
         let _ = self.cache.delete(&lock_key).await;
         result.map(|t| t.value)
+    }
+
+    /// Calls a platform API with the token at `key`: if the platform refuses the token
+    /// (`Authorized::TokenRefused`), drops it and calls once more with a fresh one. Both
+    /// platforms revoke tokens early now and then; this is the one place that handles it.
+    pub async fn call<T, E, F, Fut, C, CFut>(&self, key: &str, fetch: F, call: C) -> Result<T, E>
+    where
+        E: From<TokenRefused>,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<AccessToken, E>>,
+        C: Fn(Secret) -> CFut,
+        CFut: Future<Output = Result<Authorized<T>, E>>,
+    {
+        for _ in 0..2 {
+            let token = self.get(key, &fetch).await?;
+            match call(token.clone()).await? {
+                Authorized::Ok(v) => return Ok(v),
+                Authorized::TokenRefused => self.invalidate(key, &token).await,
+            }
+        }
+        Err(TokenRefused.into())
     }
 
     /// Forgets `stale` (a token the platform refused) unless it was already replaced.

@@ -316,6 +316,7 @@ impl Worker {
                 tracing::info!(job = %job.id, kind, "unsupported message type");
                 return Ok(fixed(texts::UNSUPPORTED, "unsupported"));
             }
+            Content::Fixed { text } => return Ok(fixed(text, "fixed")),
             Content::Text { text } => text.trim(),
         };
         let history_key = format!("history:{}", job.conversation_key);

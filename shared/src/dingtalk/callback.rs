@@ -145,7 +145,9 @@ mod tests {
         assert_eq!(job.id, "dingtalk:main:msgA");
         assert_eq!(job.text(), Some("你好"));
         assert_eq!(job.sender.id, "manager123");
-        let ReplyTarget::DingTalk(t) = &job.reply;
+        let ReplyTarget::DingTalk(t) = &job.reply else {
+            panic!("a DingTalk target")
+        };
         assert!(t.group);
         assert_eq!(t.session_webhook_expires_ms, Some(1_700_005_400_000));
         assert_eq!(t.robot_code.as_deref(), Some("dingbot"));

@@ -9,7 +9,7 @@ use crate::job::{DingTalkTarget, Job, ReplyTarget};
 use crate::messenger::{Messenger, OutgoingMessage, SendError};
 use crate::secret::Secret;
 use crate::split::Limit;
-use crate::token::{AccessToken, TokenCache};
+use crate::token::{AccessToken, Authorized, TokenCache};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use std::fmt;
@@ -122,65 +122,57 @@ impl DingTalkMessenger {
 
     /// POSTs to an OpenAPI path with the access token, refreshing it once if refused.
     async fn openapi(&self, api: &str, path: &str, body: &Value) -> Result<Value, SendError> {
-        for fresh in [false, true] {
-            let token = self
-                .tokens
-                .get(&self.token_key, || self.fetch_token())
-                .await?;
-            let resp = self
-                .http
-                .post(self.api(path))
-                .header("x-acs-dingtalk-access-token", token.expose())
-                .json(body)
-                .send()
-                .await
-                .map_err(|e| {
-                    record(api, "network");
-                    network(&e)
-                })?;
-            let status = resp.status().as_u16();
-            let v: Value = resp.json().await.unwrap_or_default();
-            let code = v["code"].as_str().unwrap_or_default();
-            if status == 401 || (status == 400 && code == "InvalidAuthentication") {
-                record(api, "token_refused");
-                self.tokens.invalidate(&self.token_key, &token).await;
-                if !fresh {
-                    continue;
+        let url = self.api(path);
+        let fetch = || self.fetch_token();
+        let call = |token: Secret| {
+            let url = &url;
+            async move {
+                let resp = self
+                    .http
+                    .post(url)
+                    .header("x-acs-dingtalk-access-token", token.expose())
+                    .json(body)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        record(api, "network");
+                        network(&e)
+                    })?;
+                let status = resp.status().as_u16();
+                let v: Value = resp.json().await.unwrap_or_default();
+                let code = v["code"].as_str().unwrap_or_default();
+                if status == 401 || (status == 400 && code == "InvalidAuthentication") {
+                    record(api, "token_refused");
+                    return Ok(Authorized::TokenRefused);
                 }
-                return Err(SendError::Retryable {
-                    reason: "access token refused twice".into(),
-                    after: None,
-                });
-            }
-            if (200..300).contains(&status) {
-                let throttled = v["flowControlledStaffIdList"]
-                    .as_array()
-                    .is_some_and(|a| !a.is_empty());
-                if throttled {
-                    record(api, "throttled");
-                    return Err(SendError::Retryable {
-                        reason: "recipient flow-controlled".into(),
-                        after: Some(Duration::from_secs(1)),
-                    });
+                if (200..300).contains(&status) {
+                    let throttled = v["flowControlledStaffIdList"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty());
+                    if throttled {
+                        record(api, "throttled");
+                        return Err(SendError::Retryable {
+                            reason: "recipient flow-controlled".into(),
+                            after: Some(Duration::from_secs(1)),
+                        });
+                    }
+                    record(api, "ok");
+                    return Ok(Authorized::Ok(v));
                 }
-                record(api, "ok");
-                return Ok(v);
-            }
-            let reason = format!("{api} failed ({status}, {code})");
-            return Err(
+                let reason = format!("{api} failed ({status}, {code})");
                 if status == 403 && code.contains("Limit") || status >= 500 || status == 429 {
                     record(api, "throttled");
-                    SendError::Retryable {
+                    Err(SendError::Retryable {
                         reason,
                         after: Some(Duration::from_secs(1)),
-                    }
+                    })
                 } else {
                     record(api, "refused");
-                    SendError::Permanent(reason)
-                },
-            );
-        }
-        unreachable!("the loop returns on its second pass")
+                    Err(SendError::Permanent(reason))
+                }
+            }
+        };
+        self.tokens.call(&self.token_key, fetch, call).await
     }
 
     async fn via_webhook(
@@ -292,7 +284,9 @@ impl Messenger for DingTalkMessenger {
     }
 
     async fn send(&self, job: &Job, message: &OutgoingMessage) -> Result<(), SendError> {
-        let ReplyTarget::DingTalk(target) = &job.reply;
+        let ReplyTarget::DingTalk(target) = &job.reply else {
+            return Err(SendError::Permanent("not a DingTalk conversation".into()));
+        };
         let webhook = target.session_webhook.as_deref().filter(|_| {
             target
                 .session_webhook_expires_ms

@@ -1,0 +1,150 @@
+//! Turning a decrypted WeCom app message into a [`Job`]. Text is answered; voice with
+//! WeCom's recognition is text; `enter_agent`/`subscribe` get the bot's welcome text if it
+//! has one; other events are acknowledged and dropped; other message types get the polite
+//! "what is supported" reply. Messages dedupe on `MsgId`, events on sender + time + event.
+
+use super::xml::WecomMessage;
+use crate::config::{Platform, WecomBot};
+use crate::job::{Content, JOB_VERSION, Job, ReplyTarget, Sender, WecomTarget};
+
+/// The job for `msg`, or None when it needs no answer.
+pub fn to_job(bot: &WecomBot, msg: &WecomMessage, now_ms: i64) -> Option<Job> {
+    let field = |name: &str| {
+        msg.fields
+            .get(name)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+    };
+    let content = match msg.msg_type.as_str() {
+        "text" => Content::Text {
+            text: msg
+                .content
+                .as_deref()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        },
+        "voice" => match field("Recognition") {
+            Some(t) => Content::Text {
+                text: t.to_string(),
+            },
+            None => Content::Unsupported {
+                kind: "voice".into(),
+            },
+        },
+        "event" => match msg.event.as_deref() {
+            Some("enter_agent" | "subscribe") => Content::Fixed {
+                text: bot.welcome_text.clone()?,
+            },
+            _ => return None,
+        },
+        other => Content::Unsupported {
+            kind: other.chars().take(32).collect(),
+        },
+    };
+    let unique = match &msg.msg_id {
+        Some(id) => id.clone(),
+        None => format!(
+            "ev:{}:{}:{}",
+            msg.from_user_name,
+            msg.create_time,
+            msg.event.as_deref().unwrap_or_default()
+        ),
+    };
+    Some(Job {
+        v: JOB_VERSION,
+        id: format!("wecom:{}:{unique}", bot.id),
+        bot_id: bot.id.clone(),
+        platform: Platform::Wecom,
+        received_at_ms: now_ms,
+        conversation_key: format!("wecom:{}:{}", bot.id, msg.from_user_name),
+        sender: Sender {
+            id: msg.from_user_name.clone(),
+            nick: None,
+        },
+        content,
+        reply: ReplyTarget::Wecom(WecomTarget {
+            user_id: msg.from_user_name.clone(),
+            agent_id: bot.agent_id,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::wecom::xml::parse_message;
+
+    fn bot(welcome: Option<&str>) -> WecomBot {
+        WecomBot {
+            id: "wx".into(),
+            corp_id: "ww1".into(),
+            corp_secret: Secret::new("s"),
+            agent_id: 1000002,
+            token: Secret::new("t"),
+            encoding_aes_key: Secret::new("k"),
+            api_base: "http://x".into(),
+            markdown: false,
+            welcome_text: welcome.map(String::from),
+        }
+    }
+
+    fn msg(inner: &str) -> WecomMessage {
+        parse_message(&format!(
+            "<xml><ToUserName><![CDATA[ww1]]></ToUserName><FromUserName><![CDATA[zhangsan]]></FromUserName>\
+             <CreateTime>1700000000</CreateTime><AgentID>1000002</AgentID>{inner}</xml>"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn text_becomes_a_job_keyed_by_msg_id() {
+        let m = msg(
+            "<MsgType><![CDATA[text]]></MsgType><Content><![CDATA[ 你好 ]]></Content><MsgId>123</MsgId>",
+        );
+        let job = to_job(&bot(None), &m, 1).unwrap();
+        assert_eq!(job.id, "wecom:wx:123");
+        assert_eq!(job.text(), Some("你好"));
+        assert_eq!(job.conversation_key, "wecom:wx:zhangsan");
+        assert_eq!(
+            job.reply,
+            ReplyTarget::Wecom(WecomTarget {
+                user_id: "zhangsan".into(),
+                agent_id: 1000002
+            })
+        );
+    }
+
+    #[test]
+    fn events_get_the_welcome_text_or_nothing() {
+        let m = msg("<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[enter_agent]]></Event>");
+        assert!(to_job(&bot(None), &m, 1).is_none());
+        let job = to_job(&bot(Some("欢迎")), &m, 1).unwrap();
+        assert_eq!(
+            job.content,
+            Content::Fixed {
+                text: "欢迎".into()
+            }
+        );
+        assert_eq!(job.id, "wecom:wx:ev:zhangsan:1700000000:enter_agent");
+        let click = msg("<MsgType><![CDATA[event]]></MsgType><Event><![CDATA[click]]></Event>");
+        assert!(to_job(&bot(Some("欢迎")), &click, 1).is_none());
+    }
+
+    #[test]
+    fn images_are_unsupported_and_recognised_voice_is_text() {
+        let img =
+            msg("<MsgType><![CDATA[image]]></MsgType><PicUrl>http://p</PicUrl><MsgId>9</MsgId>");
+        assert_eq!(
+            to_job(&bot(None), &img, 1).unwrap().content,
+            Content::Unsupported {
+                kind: "image".into()
+            }
+        );
+        let voice = msg(
+            "<MsgType><![CDATA[voice]]></MsgType><Recognition><![CDATA[开会]]></Recognition><MsgId>10</MsgId>",
+        );
+        assert_eq!(to_job(&bot(None), &voice, 1).unwrap().text(), Some("开会"));
+    }
+}
