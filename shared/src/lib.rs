@@ -6,6 +6,7 @@
 //! names every metric (`metrics`). Code above the seams holds `Arc<dyn Trait>` and never
 //! knows which backend sits behind it.
 
+pub mod api;
 pub mod cache;
 pub mod config;
 pub mod dingtalk;

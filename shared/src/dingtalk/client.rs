@@ -4,6 +4,7 @@
 //! refuses (`InvalidAuthentication`, 401) is dropped and the call made once more with a
 //! fresh one; throttling (403 `…QpsLimit…`, errcode 130101, -1) is reported as retryable.
 
+use crate::api::PlatformApi;
 use crate::config::DingTalkBot;
 use crate::job::{DingTalkTarget, Job, ReplyTarget};
 use crate::messenger::{Messenger, OutgoingMessage, SendError};
@@ -12,7 +13,6 @@ use crate::split::Limit;
 use crate::token::{AccessToken, Authorized, TokenCache};
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,19 +23,10 @@ pub const PART_CHARS: usize = 3500;
 const WEBHOOK_MARGIN_MS: i64 = 60_000;
 
 /// Sends answers for one DingTalk bot.
+#[derive(Debug)]
 pub struct DingTalkMessenger {
-    http: reqwest::Client,
+    api: PlatformApi,
     bot: DingTalkBot,
-    tokens: Arc<TokenCache>,
-    token_key: String,
-}
-
-impl fmt::Debug for DingTalkMessenger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DingTalkMessenger")
-            .field("bot", &self.bot.id)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What a sessionWebhook send came to.
@@ -45,67 +36,35 @@ enum WebhookError {
     Send(SendError),
 }
 
-fn record(api: &str, outcome: &str) {
-    crate::metrics::get()
-        .platform_requests
-        .with_label_values(&["dingtalk", api, outcome])
-        .inc();
-}
-
-fn network(e: &reqwest::Error) -> SendError {
-    SendError::Retryable {
-        reason: format!(
-            "network: {}",
-            if e.is_timeout() {
-                "timeout"
-            } else {
-                "connection failed"
-            }
-        ),
-        after: None,
-    }
-}
-
 impl DingTalkMessenger {
     /// A messenger for `bot`, sharing `http` and `tokens` with the rest of the process.
     pub fn new(http: reqwest::Client, bot: DingTalkBot, tokens: Arc<TokenCache>) -> Self {
         let token_key = format!("token:dingtalk:{}", bot.app_key);
-        Self {
-            http,
-            bot,
-            tokens,
-            token_key,
-        }
-    }
-
-    fn api(&self, path: &str) -> String {
-        format!("{}{path}", self.bot.api_base.trim_end_matches('/'))
+        let api = PlatformApi::new("dingtalk", http, &bot.api_base, tokens, token_key);
+        Self { api, bot }
     }
 
     async fn fetch_token(&self) -> Result<AccessToken, SendError> {
-        crate::metrics::get()
-            .token_fetches
-            .with_label_values(&["dingtalk"])
-            .inc();
         let resp = self
+            .api
             .http
-            .post(self.api("/v1.0/oauth2/accessToken"))
+            .post(self.api.url("/v1.0/oauth2/accessToken"))
             .json(&json!({"appKey": self.bot.app_key, "appSecret": self.bot.app_secret.expose()}))
             .send()
             .await
-            .map_err(|e| network(&e))?;
+            .map_err(|e| self.api.network_error("token", &e))?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or_default();
         match (body["accessToken"].as_str(), body["expireIn"].as_u64()) {
             (Some(t), Some(secs)) if status.is_success() => {
-                record("token", "ok");
+                self.api.record("token", "ok");
                 Ok(AccessToken {
                     value: Secret::new(t),
                     expires_in: Duration::from_secs(secs),
                 })
             }
             _ => {
-                record("token", "error");
+                self.api.record("token", "error");
                 let code = body["code"].as_str().unwrap_or("unknown");
                 let reason = format!("access token refused ({status}, {code})");
                 Err(if status.is_server_error() || code.contains("Limit") {
@@ -122,27 +81,25 @@ impl DingTalkMessenger {
 
     /// POSTs to an OpenAPI path with the access token, refreshing it once if refused.
     async fn openapi(&self, api: &str, path: &str, body: &Value) -> Result<Value, SendError> {
-        let url = self.api(path);
+        let url = self.api.url(path);
         let fetch = || self.fetch_token();
         let call = |token: Secret| {
             let url = &url;
             async move {
                 let resp = self
+                    .api
                     .http
                     .post(url)
                     .header("x-acs-dingtalk-access-token", token.expose())
                     .json(body)
                     .send()
                     .await
-                    .map_err(|e| {
-                        record(api, "network");
-                        network(&e)
-                    })?;
+                    .map_err(|e| self.api.network_error(api, &e))?;
                 let status = resp.status().as_u16();
                 let v: Value = resp.json().await.unwrap_or_default();
                 let code = v["code"].as_str().unwrap_or_default();
                 if status == 401 || (status == 400 && code == "InvalidAuthentication") {
-                    record(api, "token_refused");
+                    self.api.record(api, "token_refused");
                     return Ok(Authorized::TokenRefused);
                 }
                 if (200..300).contains(&status) {
@@ -150,29 +107,29 @@ impl DingTalkMessenger {
                         .as_array()
                         .is_some_and(|a| !a.is_empty());
                     if throttled {
-                        record(api, "throttled");
+                        self.api.record(api, "throttled");
                         return Err(SendError::Retryable {
                             reason: "recipient flow-controlled".into(),
                             after: Some(Duration::from_secs(1)),
                         });
                     }
-                    record(api, "ok");
+                    self.api.record(api, "ok");
                     return Ok(Authorized::Ok(v));
                 }
                 let reason = format!("{api} failed ({status}, {code})");
                 if status == 403 && code.contains("Limit") || status >= 500 || status == 429 {
-                    record(api, "throttled");
+                    self.api.record(api, "throttled");
                     Err(SendError::Retryable {
                         reason,
                         after: Some(Duration::from_secs(1)),
                     })
                 } else {
-                    record(api, "refused");
+                    self.api.record(api, "refused");
                     Err(SendError::Permanent(reason))
                 }
             }
         };
-        self.tokens.call(&self.token_key, fetch, call).await
+        self.api.with_token(fetch, call).await
     }
 
     async fn via_webhook(
@@ -192,37 +149,41 @@ impl DingTalkMessenger {
         } else {
             json!({"msgtype": "text", "text": {"content": message.text}, "at": at})
         };
-        let resp = self.http.post(url).json(&body).send().await.map_err(|e| {
-            record("session_webhook", "network");
-            WebhookError::Send(network(&e))
-        })?;
+        let resp = self
+            .api
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| WebhookError::Send(self.api.network_error("session_webhook", &e)))?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or_default();
         match v["errcode"].as_i64() {
             Some(0) if status.is_success() => {
-                record("session_webhook", "ok");
+                self.api.record("session_webhook", "ok");
                 Ok(())
             }
             Some(300001) | Some(300002) => {
-                record("session_webhook", "expired");
+                self.api.record("session_webhook", "expired");
                 Err(WebhookError::Expired)
             }
             Some(code @ (130101 | -1 | 90018 | 90002)) => {
-                record("session_webhook", "throttled");
+                self.api.record("session_webhook", "throttled");
                 Err(WebhookError::Send(SendError::Retryable {
                     reason: format!("session webhook busy (errcode {code})"),
                     after: Some(Duration::from_secs(2)),
                 }))
             }
             _ if status.is_server_error() => {
-                record("session_webhook", "error");
+                self.api.record("session_webhook", "error");
                 Err(WebhookError::Send(SendError::Retryable {
                     reason: format!("session webhook answered {status}"),
                     after: None,
                 }))
             }
             code => {
-                record("session_webhook", "refused");
+                self.api.record("session_webhook", "refused");
                 Err(WebhookError::Send(SendError::Permanent(format!(
                     "session webhook refused ({status}, errcode {})",
                     code.map(|c| c.to_string()).unwrap_or_else(|| "none".into())

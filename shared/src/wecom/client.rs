@@ -3,6 +3,7 @@
 //! WeCom limits text and app markdown to 2048 UTF-8 bytes and silently truncates beyond,
 //! so the worker splits to [`PART_BYTES`] before anything is sent.
 
+use crate::api::PlatformApi;
 use crate::config::WecomBot;
 use crate::job::{Job, ReplyTarget};
 use crate::messenger::{Messenger, OutgoingMessage, SendError};
@@ -11,7 +12,6 @@ use crate::split::Limit;
 use crate::token::{AccessToken, Authorized, TokenCache};
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,88 +22,44 @@ pub const PART_BYTES: usize = 2048;
 const TOKEN_ERRORS: [i64; 3] = [40014, 42001, 42009];
 
 /// Sends answers for one WeCom app.
+#[derive(Debug)]
 pub struct WecomMessenger {
-    http: reqwest::Client,
+    api: PlatformApi,
     bot: WecomBot,
-    tokens: Arc<TokenCache>,
-    token_key: String,
-}
-
-impl fmt::Debug for WecomMessenger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WecomMessenger")
-            .field("bot", &self.bot.id)
-            .finish_non_exhaustive()
-    }
-}
-
-fn record(api: &str, outcome: &str) {
-    crate::metrics::get()
-        .platform_requests
-        .with_label_values(&["wecom", api, outcome])
-        .inc();
-}
-
-/// reqwest errors carry the URL, and WeCom URLs carry the secret or the token: keep
-/// only the kind of failure.
-fn network(api: &str, e: &reqwest::Error) -> SendError {
-    record(api, "network");
-    SendError::Retryable {
-        reason: format!(
-            "{api}: {}",
-            if e.is_timeout() {
-                "timeout"
-            } else {
-                "connection failed"
-            }
-        ),
-        after: None,
-    }
 }
 
 impl WecomMessenger {
     /// A messenger for `bot`, sharing `http` and `tokens` with the rest of the process.
     pub fn new(http: reqwest::Client, bot: WecomBot, tokens: Arc<TokenCache>) -> Self {
         let token_key = format!("token:wecom:{}:{}", bot.corp_id, bot.agent_id);
-        Self {
-            http,
-            bot,
-            tokens,
-            token_key,
-        }
-    }
-
-    fn api(&self, path: &str) -> String {
-        format!("{}{path}", self.bot.api_base.trim_end_matches('/'))
+        let api = PlatformApi::new("wecom", http, &bot.api_base, tokens, token_key);
+        Self { api, bot }
     }
 
     async fn fetch_token(&self) -> Result<AccessToken, SendError> {
-        crate::metrics::get()
-            .token_fetches
-            .with_label_values(&["wecom"])
-            .inc();
         let resp = self
+            .api
             .http
-            .get(self.api("/cgi-bin/gettoken"))
+            .get(self.api.url("/cgi-bin/gettoken"))
             .query(&[
                 ("corpid", self.bot.corp_id.as_str()),
                 ("corpsecret", self.bot.corp_secret.expose()),
             ])
             .send()
             .await
-            .map_err(|e| network("gettoken", &e))?;
+            .map_err(|e| self.api.network_error("gettoken", &e))?;
         let v: Value = resp.json().await.unwrap_or_default();
         let code = v["errcode"].as_i64().unwrap_or(-1);
         match (code, v["access_token"].as_str(), v["expires_in"].as_u64()) {
             (0, Some(t), Some(secs)) => {
-                record("gettoken", "ok");
+                self.api.record("gettoken", "ok");
                 Ok(AccessToken {
                     value: Secret::new(t),
                     expires_in: Duration::from_secs(secs),
                 })
             }
             _ => {
-                record("gettoken", "error");
+                self.api.record("gettoken", "error");
                 let reason = format!("gettoken refused (errcode {code})");
                 Err(if matches!(code, -1 | 45009 | 45033) {
                     SendError::Retryable {
@@ -119,17 +75,18 @@ impl WecomMessenger {
 
     async fn send_once(&self, token: Secret, body: &Value) -> Result<Authorized<()>, SendError> {
         let resp = self
+            .api
             .http
-            .post(self.api("/cgi-bin/message/send"))
+            .post(self.api.url("/cgi-bin/message/send"))
             .query(&[("access_token", token.expose())])
             .json(body)
             .send()
             .await
-            .map_err(|e| network("message_send", &e))?;
+            .map_err(|e| self.api.network_error("message_send", &e))?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or_default();
         let Some(code) = v["errcode"].as_i64() else {
-            record("message_send", "error");
+            self.api.record("message_send", "error");
             return Err(SendError::Retryable {
                 reason: format!("message/send answered {status} without errcode"),
                 after: None,
@@ -141,27 +98,27 @@ impl WecomMessenger {
                     .iter()
                     .any(|k| v[k].as_str().is_some_and(|s| !s.is_empty()));
                 if invalid {
-                    record("message_send", "refused");
+                    self.api.record("message_send", "refused");
                     return Err(SendError::Permanent(
                         "recipient invalid or unlicensed".into(),
                     ));
                 }
-                record("message_send", "ok");
+                self.api.record("message_send", "ok");
                 Ok(Authorized::Ok(()))
             }
             c if TOKEN_ERRORS.contains(&c) => {
-                record("message_send", "token_refused");
+                self.api.record("message_send", "token_refused");
                 Ok(Authorized::TokenRefused)
             }
             -1 | 45009 | 45033 => {
-                record("message_send", "throttled");
+                self.api.record("message_send", "throttled");
                 Err(SendError::Retryable {
                     reason: format!("message/send busy (errcode {code})"),
                     after: Some(Duration::from_secs(if code == 45009 { 60 } else { 2 })),
                 })
             }
             _ => {
-                record("message_send", "refused");
+                self.api.record("message_send", "refused");
                 Err(SendError::Permanent(format!(
                     "message/send refused (errcode {code})"
                 )))
@@ -187,12 +144,8 @@ impl Messenger for WecomMessenger {
             json!({"touser": target.user_id, "msgtype": "text", "agentid": target.agent_id,
                    "text": {"content": message.text}})
         };
-        self.tokens
-            .call(
-                &self.token_key,
-                || self.fetch_token(),
-                |token| self.send_once(token, &body),
-            )
+        self.api
+            .with_token(|| self.fetch_token(), |token| self.send_once(token, &body))
             .await
     }
 }
