@@ -10,6 +10,8 @@
 pub mod dingtalk;
 pub mod load;
 pub mod openai;
+pub mod record;
+pub mod wecom;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -21,6 +23,7 @@ pub use dingtalk::{
 };
 pub use load::{LoadArgs, LoadReport, Percentiles, ReplyReport, run_load};
 pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
+pub use wecom::{FakeWecom, FakeWecomApp, WecomSent};
 
 /// `parley sim …` subcommands.
 #[derive(clap::Subcommand, Debug)]

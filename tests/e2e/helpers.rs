@@ -3,7 +3,8 @@
 
 use parley::app::Application;
 use parley::sim::{
-    CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, SentMessage,
+    CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeWecom,
+    FakeWecomApp, SentMessage,
 };
 use serde_json::Value;
 use shared::config::Settings;
@@ -14,6 +15,12 @@ use tokio_util::sync::CancellationToken;
 pub(crate) const APP_KEY: &str = "dingtest";
 pub(crate) const APP_SECRET: &str = "test-secret-不要泄露";
 pub(crate) const API_KEY: &str = "sk-test";
+/// Tencent's sample app (its EncodingAESKey has non-zero trailing bits, as real ones may).
+pub(crate) const CORP_ID: &str = "ww1436e0e65a779aee";
+pub(crate) const AGENT_ID: i64 = 1000002;
+pub(crate) const WECOM_TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
+pub(crate) const WECOM_AES_KEY: &str = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt";
+pub(crate) const WECOM_SECRET: &str = "wecom-app-secret";
 
 /// How long a test waits for something that should happen.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
@@ -22,6 +29,7 @@ pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
     pub(crate) admin: SocketAddr,
     pub(crate) dingtalk: FakeDingTalk,
+    pub(crate) wecom: FakeWecom,
     pub(crate) llm: FakeLlm,
     pub(crate) client: reqwest::Client,
     shutdown: CancellationToken,
@@ -44,6 +52,18 @@ impl TestApp {
             vec![FakeApp {
                 app_key: APP_KEY.into(),
                 app_secret: APP_SECRET.into(),
+            }],
+        )
+        .await
+        .unwrap();
+        let wecom = FakeWecom::start(
+            local(),
+            vec![FakeWecomApp {
+                corp_id: CORP_ID.into(),
+                corp_secret: WECOM_SECRET.into(),
+                agent_id: AGENT_ID,
+                token: WECOM_TOKEN.into(),
+                encoding_aes_key: WECOM_AES_KEY.into(),
             }],
         )
         .await
@@ -77,9 +97,22 @@ platform = "dingtalk"
 app_key = "{APP_KEY}"
 app_secret = "{APP_SECRET}"
 api_base = "{dt}"
+
+[[bots]]
+id = "wx"
+platform = "wecom"
+corp_id = "{CORP_ID}"
+corp_secret = "{WECOM_SECRET}"
+agent_id = {AGENT_ID}
+token = "{WECOM_TOKEN}"
+encoding_aes_key = "{WECOM_AES_KEY}"
+api_base = "{wx}"
+markdown = true
+welcome_text = "欢迎使用 AI 助手"
 "#,
             llm = llm.base_url(),
             dt = dingtalk.base_url(),
+            wx = wecom.base_url(),
         );
         let settings = Settings::from_toml(&toml, |_| None).unwrap();
         let app = Application::build(settings).await.unwrap();
@@ -90,6 +123,7 @@ api_base = "{dt}"
             addr,
             admin,
             dingtalk,
+            wecom,
             llm,
             client: reqwest::Client::new(),
             shutdown,
@@ -190,6 +224,26 @@ api_base = "{dt}"
             .unwrap()
     }
 
+    pub(crate) fn wecom_url(&self) -> String {
+        format!("http://{}/wecom/wx", self.addr)
+    }
+
+    /// Sends `xml` (a decrypted WeCom message) encrypted and signed as WeCom would.
+    pub(crate) async fn send_wecom(&self, xml: &str) -> reqwest::Response {
+        let (query, body) = self.wecom.callback(CORP_ID, xml);
+        self.post_wecom(&query, body).await
+    }
+
+    pub(crate) async fn post_wecom(&self, query: &str, body: String) -> reqwest::Response {
+        self.client
+            .post(format!("{}?{query}", self.wecom_url()))
+            .header("content-type", "text/xml")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(h) = self.handle.take() {
@@ -202,6 +256,7 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
         self.dingtalk.shutdown();
+        self.wecom.shutdown();
         self.llm.shutdown();
     }
 }

@@ -4,3 +4,4 @@
 
 mod dingtalk;
 mod helpers;
+mod wecom;
