@@ -16,6 +16,7 @@ use shared::config::{BotSettings, DingTalkBot, Platform, Settings, WecomBot};
 use shared::dingtalk;
 use shared::job::Job;
 use shared::queue::{JobQueue, QueueError};
+use shared::wecom::OpenError;
 use shared::wecom::crypto::{CryptoError, WecomCrypto};
 use shared::wecom::xml::XmlError;
 use std::collections::HashMap;
@@ -393,11 +394,12 @@ async fn handle_wecom(
         return Err(Rejection::StaleTimestamp);
     }
     let body = read_body(body, state.inner.body_limit).await?;
-    let xml = std::str::from_utf8(&body).map_err(|_| XmlError::Malformed("not UTF-8".into()))?;
-    let envelope = shared::wecom::xml::parse_envelope(xml)?;
-    let plain =
-        crypto.decrypt_verified(&q.msg_signature, &q.timestamp, &q.nonce, &envelope.encrypt)?;
-    let message = shared::wecom::xml::parse_message(&plain)?;
+    let message =
+        shared::wecom::open_callback(crypto, &q.msg_signature, &q.timestamp, &q.nonce, &body)
+            .map_err(|e| match e {
+                OpenError::Xml(e) => Rejection::Xml(e),
+                OpenError::Crypto(e) => Rejection::Crypto(e),
+            })?;
     match shared::wecom::callback::to_job(bot, &message, now) {
         Some(job) => enqueue(state, &job).await,
         None => Ok(Accepted::Ignored),
