@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::record::Recorder;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
@@ -26,7 +27,6 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Lifetime of a freshly issued access token (`expireIn`), unless changed by `set_token_ttl`.
@@ -216,7 +216,7 @@ struct Inner {
     /// app_key → app_secret; fixed at start.
     apps: HashMap<String, String>,
     state: Mutex<DtState>,
-    recorded: Notify,
+    sent: Recorder<SentMessage>,
     stop: CancellationToken,
 }
 
@@ -231,7 +231,6 @@ struct DtState {
     /// session token → session.
     sessions: HashMap<String, Session>,
     fail_next: usize,
-    sent: Vec<SentMessage>,
 }
 
 struct IssuedToken {
@@ -265,9 +264,8 @@ impl FakeDingTalk {
                 fetches: HashMap::new(),
                 sessions: HashMap::new(),
                 fail_next: 0,
-                sent: Vec::new(),
             }),
-            recorded: Notify::new(),
+            sent: Recorder::default(),
             stop: CancellationToken::new(),
         });
         let router = Router::new()
@@ -277,15 +275,7 @@ impl FakeDingTalk {
             .route("/robot/sendBySession", post(send_by_session))
             .fallback(not_found)
             .with_state(inner.clone());
-        let stop = inner.stop.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "fake DingTalk server stopped");
-            }
-        });
+        super::serve_fake(listener, router, inner.stop.clone(), "dingtalk");
         Ok(FakeDingTalk { inner })
     }
 
@@ -359,32 +349,18 @@ impl FakeDingTalk {
 
     /// Every message accepted so far, in arrival order.
     pub fn sent(&self) -> Vec<SentMessage> {
-        self.inner.lock().sent.clone()
+        self.inner.sent.all()
     }
 
     /// Waits until at least `n` messages are recorded or `timeout` passes, then returns
     /// whatever is recorded.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<SentMessage> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.inner.recorded.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let state = self.inner.lock();
-                if state.sent.len() >= n {
-                    return state.sent.clone();
-                }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.sent();
-            }
-        }
+        self.inner.sent.wait_for(n, timeout).await
     }
 
     /// Forgets the recorded messages (tokens, sessions and counters stay).
     pub fn clear(&self) {
-        self.inner.lock().sent.clear();
+        self.inner.sent.clear();
     }
 
     /// The full JSON body DingTalk would POST to the bot for `spec` (PROTOCOLS.md §a),
@@ -557,9 +533,8 @@ impl Inner {
                 state.fail_next -= 1;
                 return false;
             }
-            state.sent.push(msg);
         }
-        self.recorded.notify_waiters();
+        self.sent.push(msg);
         true
     }
 }

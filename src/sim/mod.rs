@@ -133,3 +133,21 @@ pub(crate) fn connectable(addr: SocketAddr) -> SocketAddr {
         _ => addr,
     }
 }
+
+/// Serves `router` on `listener` in the background until `stop` is cancelled; every fake
+/// starts this way.
+pub(crate) fn serve_fake(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: tokio_util::sync::CancellationToken,
+    name: &'static str,
+) {
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, fake = name, "fake server stopped");
+        }
+    });
+}

@@ -129,15 +129,7 @@ impl FakeLlm {
             .route("/v1/models", get(models))
             .fallback(not_found)
             .with_state(inner.clone());
-        let stop = inner.stop.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "fake LLM server stopped");
-            }
-        });
+        super::serve_fake(listener, router, inner.stop.clone(), "model");
         Ok(FakeLlm { inner })
     }
 

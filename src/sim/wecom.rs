@@ -116,15 +116,7 @@ impl FakeWecom {
             .route("/cgi-bin/gettoken", get(gettoken))
             .route("/cgi-bin/message/send", post(message_send))
             .with_state(inner.clone());
-        let stop = inner.stop.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "fake WeCom server stopped");
-            }
-        });
+        super::serve_fake(listener, router, inner.stop.clone(), "wecom");
         Ok(Self { inner })
     }
 

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Parley's headline figures on this machine, each beside its reference in the same run.
+#   bench/run.sh            all figures (about 4 minutes)
+# Pinning: Parley or the reference server on core 0, load generators and fakes on core 1.
+# Needs: wrk (apt-get install wrk), taskset, python3. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --bin parley --example bare_server
+BIN=$PWD/target/release/parley
+BARE=$PWD/target/release/examples/bare_server
+WORK=$(mktemp -d)
+SECRET=bench-secret
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_http() { for _ in $(seq 1 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "timeout waiting for $1" >&2; return 1; }
+rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$1/stat"; }
+
+# The fake model (1 s per answer) and fake DingTalk OpenAPI, on core 1.
+taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19100 --openai-listen 127.0.0.1:19200 \
+  --app "bench-app:$SECRET" --api-key sk-bench --llm-latency-ms 1000 >"$WORK/sim.log" 2>&1 &
+PIDS+=($!)
+wait_http http://127.0.0.1:19200/v1/models || true
+
+config() { # $1 file, $2 requests_per_minute, $3 max_concurrency
+  cat >"$1" <<TOML
+[server]
+listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:18081"
+[queue]
+capacity = 2000000
+[llm]
+base_url = "http://127.0.0.1:19200/v1"
+api_key = "sk-bench"
+model = "bench"
+requests_per_minute = $2
+max_concurrency = $3
+[[bots]]
+id = "bench"
+platform = "dingtalk"
+app_key = "bench-app"
+app_secret = "$SECRET"
+api_base = "http://127.0.0.1:19100"
+TOML
+}
+config "$WORK/full.toml" 1000000 2000
+# Ingress-only: the worker is paced to one model call a minute, so jobs stay queued and
+# the figure is the ingress path alone (verify, parse, dedupe, enqueue, ack).
+config "$WORK/ingress.toml" 1 1
+
+start_parley() { # $1 config
+  RUST_LOG=warn taskset -c 0 "$BIN" --config "$1" serve >>"$WORK/parley.log" 2>&1 &
+  PARLEY=$!
+  PIDS+=($PARLEY)
+  wait_http http://127.0.0.1:18081/readyz
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+TS=$(python3 -c 'import time; print(int(time.time()*1000))')
+SIGN=$(python3 -c "import hmac,hashlib,base64,sys; s=b'$SECRET'; print(base64.b64encode(hmac.new(s, b'$TS\n'+s, hashlib.sha256).digest()).decode())")
+export TIMESTAMP=$TS SIGN
+
+wrk_rate() { # $1 url; prints requests/s
+  taskset -c 1 wrk -t1 -c64 -d10s -s bench/wrk_dingtalk.lua "$1" >"$WORK/wrk.out" 2>&1
+  grep -q "Non-2xx" "$WORK/wrk.out" && { echo "non-2xx answers:" >&2; cat "$WORK/wrk.out" >&2; }
+  awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out"
+}
+
+echo "== 1. Ingress throughput: Parley (embedded) vs a bare axum server, wrk -t1 -c64 -d10s, A B A B"
+declare -a BARE_R PARLEY_R
+for round in 1 2; do
+  taskset -c 0 "$BARE" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=($B)
+  sleep 0.3; taskset -c 1 wrk -t1 -c64 -d2s -s bench/wrk_dingtalk.lua http://127.0.0.1:18090/dingtalk/bench >/dev/null 2>&1
+  BARE_R+=("$(wrk_rate http://127.0.0.1:18090/dingtalk/bench)"); stop $B
+  start_parley "$WORK/ingress.toml"
+  taskset -c 1 wrk -t1 -c64 -d2s -s bench/wrk_dingtalk.lua http://127.0.0.1:18080/dingtalk/bench >/dev/null 2>&1
+  PARLEY_R+=("$(wrk_rate http://127.0.0.1:18080/dingtalk/bench)")
+  echo "   round $round: bare ${BARE_R[-1]} req/s, parley ${PARLEY_R[-1]} req/s (parley peak RSS $(rss_mb $PARLEY) MB with ~$(python3 -c "print(int(${PARLEY_R[-1]}*12))") jobs queued)"
+  stop $PARLEY
+done
+python3 - "${BARE_R[@]}" "${PARLEY_R[@]}" <<'PY'
+import sys, statistics as st
+v = list(map(float, sys.argv[1:])); n = len(v)//2
+b, p = v[:n], v[n:]
+print(f"   median: bare {st.median(b):.0f} req/s, parley {st.median(p):.0f} req/s, ratio {st.median(p)/st.median(b):.2f} (target >= 0.50)")
+PY
+
+echo "== 2. Ack latency at 1,000 req/s, open loop, 30 s, full pipeline (fake model at 1 s, replies awaited)"
+taskset -c 0 "$BARE" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=($B); sleep 0.3
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench --app-secret "$SECRET" \
+  --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --json >"$WORK/bare-lat.out" 2>&1
+stop $B
+start_parley "$WORK/full.toml"
+CPU0=$(cpu_s $PARLEY)
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
+  --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --wait-replies-secs 15 --json >"$WORK/parley-lat.out" 2>&1
+CPU1=$(cpu_s $PARLEY)
+echo "   parley RSS peak $(rss_mb $PARLEY) MB, CPU $(python3 -c "print(f'{($CPU1-$CPU0)/30:.3f}')") s per 1,000 messages (ingress + worker)"
+stop $PARLEY
+python3 - "$WORK/bare-lat.out" "$WORK/parley-lat.out" <<'PY'
+import json, sys
+def last_json(path):
+    for line in reversed(open(path).read().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"no JSON report in {path}:\n" + open(path).read())
+b, p = last_json(sys.argv[1]), last_json(sys.argv[2])
+for name, r in (("bare  ", b), ("parley", p)):
+    a = r["ack_latency_ms"]
+    print(f"   {name} sent {r['sent']} ok {r['ok_2xx']} rate {r['achieved_rate']:.0f}/s  ack p50 {a['p50']:.2f} p90 {a['p90']:.2f} p99 {a['p99']:.2f} max {a['max']:.2f} ms")
+rep = p.get("replies")
+if rep:
+    l = rep["latency_ms"]
+    print(f"   parley replies {rep['replies']} missing {rep['missing']} duplicates {rep['duplicates']}  reply p50 {l['p50']:.0f} p99 {l['p99']:.0f} max {l['max']:.0f} ms")
+print(f"   ack p99 {p['ack_latency_ms']['p99']:.2f} ms (target < 10 ms)")
+PY
+
+echo "== 3. Worker: 1,000 conversations at once (1,000 callbacks in 1 s), fake model at 1 s"
+start_parley "$WORK/full.toml"
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
+  --robot-code bench-app --rate 1000 --duration-secs 1 --conversations 1000 --wait-replies-secs 10 --json >"$WORK/burst.out" 2>&1
+echo "   parley RSS peak $(rss_mb $PARLEY) MB (target < 150 MB)"
+stop $PARLEY
+python3 - "$WORK/burst.out" <<'PY'
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1]).read().splitlines() if l.startswith("{")][-1]
+rep = r["replies"]; l = rep["latency_ms"]
+print(f"   callbacks {r['sent']} acked {r['ok_2xx']}; replies {rep['replies']} missing {rep['missing']} duplicates {rep['duplicates']}")
+print(f"   reply latency p50 {l['p50']:.0f} p99 {l['p99']:.0f} max {l['max']:.0f} ms (target: all within 3,000 ms)")
+PY
