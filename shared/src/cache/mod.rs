@@ -3,6 +3,8 @@
 //! deployment prefix; each backend adds `[cache].key_prefix`. `MemoryCache` is the embedded
 //! backend: one map behind a mutex, expired lazily on read and swept now and then.
 
+pub mod redis;
+
 use async_trait::async_trait;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

@@ -3,6 +3,8 @@
 //! `parley serve` without a broker: bounded, with the same settle semantics as the broker
 //! backend, including "a delivery dropped without being settled goes back to the queue".
 
+pub mod amqp;
+
 use crate::job::Job;
 use async_trait::async_trait;
 use std::fmt;

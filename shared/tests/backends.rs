@@ -1,0 +1,932 @@
+//! The broker backends against the real services on 127.0.0.1: RabbitMQ on 5672
+//! (guest/guest) and Redis on 6379 (`.ci/run` starts both). A service that is not there
+//! fails the test loudly instead of skipping it. Every test uses its own queue or key
+//! prefix and removes what it created, even when it fails.
+
+use shared::cache::redis::RedisCache;
+use shared::cache::{Cache, CacheError};
+use shared::config::{CacheSettings, QueueSettings};
+use shared::job::{JOB_VERSION, Job};
+use shared::queue::amqp::{ATTEMPT_HEADER, AmqpQueue, REASON_HEADER};
+use shared::queue::{Delivery, JobQueue, QueueError, Settlement};
+use shared::secret::Secret;
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn unique(name: &str) -> String {
+    format!("test-{name}-{:08x}", rand::random::<u32>())
+}
+
+fn require(service: &str, port: u16) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        panic!("{service} is not reachable on {addr} ({e}); start it (see .ci/run)");
+    }
+}
+
+/// A group text job, written as JSON the way it travels.
+fn job(id: &str) -> Job {
+    serde_json::from_value(serde_json::json!({
+        "v": JOB_VERSION,
+        "id": id,
+        "bot_id": "main",
+        "platform": "dingtalk",
+        "received_at_ms": 1,
+        "conversation_key": "dingtalk:main:cid1",
+        "sender": { "id": "u1" },
+        "content": { "type": "text", "text": "hi" },
+        "reply": { "platform": "dingtalk", "group": true, "conversation_id": "cid1" },
+    }))
+    .expect("a valid job")
+}
+
+// ---------------------------------------------------------------------------------------
+// RabbitMQ
+
+/// A started queue with a fresh prefix; its queues are deleted when it is dropped.
+struct Broker {
+    queue: AmqpQueue,
+    prefix: String,
+    _cleanup: DeleteQueues,
+}
+
+async fn broker(name: &str, tiers: &[u64], prefetch: u16) -> Broker {
+    broker_at(AMQP_URL, name, tiers, prefetch, 5000).await
+}
+
+async fn broker_at(
+    url: &str,
+    name: &str,
+    tiers: &[u64],
+    prefetch: u16,
+    confirm_timeout_ms: u64,
+) -> Broker {
+    require("RabbitMQ", 5672);
+    let prefix = unique(name);
+    let settings = QueueSettings {
+        url: Some(Secret::new(url)),
+        prefix: prefix.clone(),
+        confirm_timeout_ms,
+        ..QueueSettings::default()
+    };
+    let queue = AmqpQueue::start_with_tiers(&settings, prefetch, tiers).unwrap();
+    let cleanup = DeleteQueues(queue.queue_names());
+    assert!(
+        queue.wait_ready(WAIT).await,
+        "the queue did not connect to RabbitMQ"
+    );
+    Broker {
+        queue,
+        prefix,
+        _cleanup: cleanup,
+    }
+}
+
+impl Broker {
+    fn name(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.prefix)
+    }
+
+    /// Closes the connection first, so nothing re-declares the queues being deleted.
+    async fn finish(self) {
+        self.queue.close().await;
+    }
+
+    async fn next(&self) -> Delivery {
+        tokio::time::timeout(WAIT, self.queue.next())
+            .await
+            .expect("a delivery in time")
+            .expect("a delivery")
+    }
+
+    /// Takes the next delivery, checks that it is `id` at `attempt`, and acks it.
+    async fn ack_next(&self, id: &str, attempt: u32) {
+        let d = self.next().await;
+        assert_eq!((d.job.id.as_str(), d.attempt), (id, attempt));
+        assert_eq!(d.job, job(id));
+        d.settle(Settlement::Ack).await.unwrap();
+    }
+
+    async fn nothing_more(&self, within: Duration) {
+        if let Ok(d) = tokio::time::timeout(within, self.queue.next()).await {
+            panic!("unexpected delivery {d:?}");
+        }
+    }
+}
+
+struct DeleteQueues(Vec<String>);
+
+impl Drop for DeleteQueues {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.0);
+        // Runs on its own runtime so it also works while a failed test unwinds.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok((conn, ch)) = raw_channel().await else {
+                    return;
+                };
+                for name in names {
+                    let _ = ch
+                        .queue_delete(name.as_str().into(), Default::default())
+                        .await;
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn raw_channel() -> lapin::Result<(lapin::Connection, lapin::Channel)> {
+    let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    Ok((conn, ch))
+}
+
+/// Waits for one message on `queue`, taken with `basic.get` and left unacked.
+async fn raw_get(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = ch
+            .basic_get(queue.into(), Default::default())
+            .await
+            .expect("basic.get");
+        if let Some(m) = got {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "nothing arrived on {queue}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn header(m: &lapin::message::BasicGetMessage, name: &str) -> lapin::types::AMQPValue {
+    m.delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name).cloned())
+        .unwrap_or_else(|| panic!("header {name} missing"))
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closes only this test's connection (found by its name), as an operator or a broker
+/// restart would; other tests on the broker keep theirs.
+fn force_close_connection(prefix: &str) {
+    let listed = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
+    let needle = format!("parley {prefix}");
+    let pids: Vec<&str> = listed
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(pids.len(), 1, "connections named {needle:?}: {listed}");
+    rabbitmqctl(&["close_connection", pids[0], "test"]);
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_published_job_is_delivered_once_and_acked() {
+    let b = broker("ack", &[1], 4).await;
+    b.queue.publish(&job("a")).await.unwrap();
+    b.ack_next("a", 1).await;
+    b.nothing_more(Duration::from_millis(1500)).await;
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_retry_comes_back_after_the_tier_delay_with_the_next_attempt() {
+    let b = broker("retry", &[1, 2], 4).await;
+    b.queue.publish(&job("r")).await.unwrap();
+    let d = b.next().await;
+    let (d, waited) = retried(&b, d, Duration::from_millis(200)).await;
+    assert_eq!((d.job.id.as_str(), d.attempt), ("r", 2));
+    assert!(
+        waited >= Duration::from_millis(900),
+        "back after {waited:?}"
+    );
+    // A delay longer than every tier takes the longest one.
+    let (d, waited) = retried(&b, d, Duration::from_secs(3600)).await;
+    assert_eq!(d.attempt, 3);
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "back after {waited:?}"
+    );
+    d.settle(Settlement::Ack).await.unwrap();
+    b.finish().await;
+}
+
+/// Settles `d` as a retry after `delay`; returns it when it comes back, and how long that took.
+async fn retried(b: &Broker, d: Delivery, delay: Duration) -> (Delivery, Duration) {
+    let settled = Instant::now();
+    d.settle(Settlement::Retry { delay }).await.unwrap();
+    let d = b.next().await;
+    (d, settled.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_topology_and_message_properties_are_what_the_broker_needs() {
+    let b = broker("topology", &[60], 4).await;
+    b.queue.publish(&job("p")).await.unwrap();
+    b.next()
+        .await
+        .settle(Settlement::Retry {
+            delay: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    // The retry copy waits in the 60 s tier: persistent JSON, id, next attempt.
+    let (conn, ch) = raw_channel().await.unwrap();
+    let m = raw_get(&ch, &b.name("retry.60s")).await;
+    let p = &m.delivery.properties;
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(
+        p.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(p.message_id().as_ref().map(|c| c.as_str()), Some("p"));
+    assert_eq!(
+        header(&m, ATTEMPT_HEADER),
+        lapin::types::AMQPValue::LongLongInt(2)
+    );
+    assert_eq!(Job::from_bytes(&m.delivery.data).unwrap(), job("p"));
+    let _ = conn.close(200, "done".into()).await;
+
+    // What the broker recorded (it would silently accept malformed values).
+    let listed = rabbitmqctl(&[
+        "-q",
+        "list_queues",
+        "name",
+        "type",
+        "durable",
+        "arguments",
+        "--formatter",
+        "json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed).expect("json queues");
+    let queue = |suffix: &str| {
+        let name = b.name(suffix);
+        rows.iter()
+            .find(|r| r["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("queue {name} not declared: {listed}"))
+            .clone()
+    };
+    // Each argument is listed as [name, type, value].
+    let arg = |row: &serde_json::Value, name: &str| {
+        row["arguments"]
+            .as_array()
+            .and_then(|args| args.iter().find(|a| a[0] == name))
+            .map(|a| (a[1].clone(), a[2].clone()))
+            .unwrap_or_else(|| panic!("argument {name} missing in {row}"))
+    };
+    let long = |n: i64| (serde_json::json!("long"), serde_json::json!(n));
+    let text = |s: &str| (serde_json::json!("longstr"), serde_json::json!(s));
+    let jobs = queue("jobs");
+    assert_eq!(
+        (&jobs["type"], &jobs["durable"]),
+        (&"quorum".into(), &true.into())
+    );
+    assert_eq!(arg(&jobs, "x-delivery-limit"), long(20));
+    assert_eq!(arg(&jobs, "x-dead-letter-exchange"), text(""));
+    assert_eq!(
+        arg(&jobs, "x-dead-letter-routing-key"),
+        text(&b.name("dead"))
+    );
+    assert_eq!(arg(&jobs, "x-dead-letter-strategy"), text("at-least-once"));
+    assert_eq!(arg(&jobs, "x-overflow"), text("reject-publish"));
+    let retry = queue("retry.60s");
+    assert_eq!(retry["type"], "quorum");
+    assert_eq!(arg(&retry, "x-message-ttl"), long(60_000));
+    assert_eq!(
+        arg(&retry, "x-dead-letter-routing-key"),
+        text(&b.name("jobs"))
+    );
+    let dead = queue("dead");
+    assert_eq!(dead["type"], "classic");
+    assert_eq!(dead["durable"], true);
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_dead_letters_are_listed_without_being_consumed_and_replayed() {
+    let b = broker("dead", &[1], 4).await;
+    b.queue.publish(&job("a")).await.unwrap();
+    b.queue.publish(&job("b")).await.unwrap();
+    for reason in ["poison a", "poison b"] {
+        b.next()
+            .await
+            .settle(Settlement::DeadLetter {
+                reason: reason.into(),
+            })
+            .await
+            .unwrap();
+    }
+    let listed = b.queue.dead_letters().await.unwrap();
+    let summary: Vec<_> = listed
+        .iter()
+        .map(|d| (d.job.id.as_str(), d.attempts, d.reason.as_str()))
+        .collect();
+    assert_eq!(summary, [("a", 1, "poison a"), ("b", 1, "poison b")]);
+    let age = shared::now_ms() - listed[0].at_ms;
+    assert!((0..60_000).contains(&age), "dead-lettered {age} ms ago");
+    // Listing again shows the same: nothing was consumed, the order holds.
+    let again: Vec<_> = b.queue.dead_letters().await.unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[0].job.id, "a");
+
+    assert_eq!(b.queue.replay_dead_letters(Some("zzz")).await.unwrap(), 0);
+    assert_eq!(b.queue.replay_dead_letters(Some("b")).await.unwrap(), 1);
+    b.ack_next("b", 1).await;
+    let left = b.queue.dead_letters().await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].job.id, "a");
+    assert_eq!(b.queue.replay_dead_letters(None).await.unwrap(), 1);
+    b.ack_next("a", 1).await;
+    assert!(b.queue.dead_letters().await.unwrap().is_empty());
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_delivery_dropped_unsettled_comes_back() {
+    let b = broker("drop", &[1], 4).await;
+    b.queue.publish(&job("d")).await.unwrap();
+    drop(b.next().await);
+    b.ack_next("d", 1).await;
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_undecodable_payload_is_dead_lettered_and_never_delivered() {
+    let b = broker("poison", &[1], 4).await;
+    let (conn, ch) = raw_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        b.name("jobs").as_str().into(),
+        Default::default(),
+        b"\x00not a job{",
+        lapin::BasicProperties::default().with_message_id("garbage-1".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    b.queue.publish(&job("good")).await.unwrap();
+    b.ack_next("good", 1).await;
+
+    let m = raw_get(&ch, &b.name("dead")).await;
+    assert_eq!(m.delivery.data, b"\x00not a job{");
+    let lapin::types::AMQPValue::LongString(reason) = header(&m, REASON_HEADER) else {
+        panic!("the reason is not a string");
+    };
+    let reason = reason.to_string();
+    assert!(reason.contains("undecodable job"), "{reason}");
+    assert_eq!(
+        m.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("garbage-1")
+    );
+    let _ = conn.close(200, "done".into()).await;
+    // Not a job, so not listed, but left in place for an operator.
+    assert!(b.queue.dead_letters().await.unwrap().is_empty());
+    b.nothing_more(Duration::from_millis(500)).await;
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_unroutable_retry_fails_and_the_delivery_comes_back() {
+    let b = broker("unroutable", &[1], 4).await;
+    // The tier queue disappears under the running queue: nothing would take the retry.
+    let (conn, ch) = raw_channel().await.unwrap();
+    ch.queue_delete(b.name("retry.1s").as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    b.queue.publish(&job("u")).await.unwrap();
+    let err = b
+        .next()
+        .await
+        .settle(Settlement::Retry {
+            delay: Duration::from_secs(1),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, QueueError::Unavailable(m) if m.contains("could not route")),
+        "{err}"
+    );
+    // Acked by the broker but returned: not settled, so the job is back, same attempt.
+    b.ack_next("u", 1).await;
+    b.finish().await;
+}
+
+/// A TCP proxy to RabbitMQ that can stall: while frozen it passes no byte either way, as
+/// a broker that hangs (or a network that drops silently) would.
+struct StallingProxy {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+}
+
+async fn stalling_proxy() -> StallingProxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (upstream_read, upstream_write) = upstream.into_split();
+            tokio::spawn(pump(client_read, upstream_write, flag.clone()));
+            tokio::spawn(pump(upstream_read, client_write, flag.clone()));
+        }
+    });
+    StallingProxy { port, frozen }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        while frozen.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_publish_the_broker_does_not_confirm_in_time_is_a_confirm_timeout() {
+    let proxy = stalling_proxy().await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let b = broker_at(&url, "stall", &[1], 4, 300).await;
+    b.queue.publish(&job("before")).await.unwrap();
+    proxy.frozen.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let result = b.queue.publish(&job("stalled")).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(result, Err(QueueError::ConfirmTimeout)),
+        "{result:?}"
+    );
+    assert!(
+        (Duration::from_millis(300)..Duration::from_secs(2)).contains(&waited),
+        "gave up after {waited:?}"
+    );
+    // The broker comes back: same connection, publishes are confirmed again.
+    proxy.frozen.store(false, Ordering::Relaxed);
+    b.queue.publish(&job("after")).await.unwrap();
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_lost_connection_recovers_and_loses_nothing_confirmed() {
+    let b = broker("reconnect", &[1], 32).await;
+    b.queue.publish(&job("before")).await.unwrap();
+    let taken_before = b.next().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let queue = b.queue.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut confirmed = Vec::new();
+            let mut refused = 0;
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("j{i}");
+                match queue.publish(&job(&id)).await {
+                    Ok(()) => confirmed.push(id),
+                    Err(_) => refused += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (confirmed, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    force_close_connection(&b.prefix);
+    wait_until("the queue is not ready", || !b.queue.is_ready()).await;
+    assert!(
+        matches!(
+            b.queue.publish(&job("while-down")).await,
+            Err(QueueError::Unavailable(_))
+        ) || b.queue.is_ready()
+    );
+    wait_until("the queue is ready again", || b.queue.is_ready()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    // Taken on the old connection: cannot be settled, and will come again.
+    assert!(taken_before.settle(Settlement::Ack).await.is_err());
+    let (confirmed, refused) = publisher.await.unwrap();
+    assert!(refused > 0, "the drop did not hit any publish");
+    assert!(confirmed.len() > 100, "only {} confirmed", confirmed.len());
+    b.queue.publish(&job("after")).await.unwrap();
+
+    let mut missing: HashSet<String> = confirmed.into_iter().collect();
+    missing.insert("before".into());
+    missing.insert("after".into());
+    while !missing.is_empty() {
+        let d = tokio::time::timeout(WAIT, b.queue.next())
+            .await
+            .unwrap_or_else(|_| panic!("never delivered: {missing:?}"))
+            .unwrap();
+        missing.remove(&d.job.id);
+        d.settle(Settlement::Ack).await.unwrap();
+    }
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_broker_down_at_start_is_not_ready_and_never_echoes_the_password() {
+    let settings = QueueSettings {
+        url: Some(Secret::new("amqp://guest:hunter2@127.0.0.1:1/%2f")),
+        prefix: unique("down"),
+        ..QueueSettings::default()
+    };
+    let queue = AmqpQueue::start(&settings, 4).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queue.is_ready());
+    let started = Instant::now();
+    let err = queue.publish(&job("x")).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert!(matches!(err, QueueError::Unavailable(_)), "{err}");
+    assert!(!format!("{err} {queue:?}").contains("hunter2"));
+    assert!(queue.dead_letters().await.is_err());
+    tokio::time::timeout(Duration::from_secs(5), queue.close())
+        .await
+        .expect("close returns while disconnected");
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// A started cache with a fresh prefix; its keys are deleted when it is dropped.
+struct Redis {
+    cache: RedisCache,
+    prefix: String,
+}
+
+async fn redis_cache(name: &str) -> Redis {
+    require("Redis", 6379);
+    let prefix = unique(name);
+    let settings = CacheSettings {
+        url: Some(Secret::new(REDIS_URL)),
+        key_prefix: prefix.clone(),
+    };
+    let cache = RedisCache::start(&settings).unwrap();
+    assert!(cache.wait_ready(WAIT).await, "Redis did not answer");
+    Redis { cache, prefix }
+}
+
+async fn raw_redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw Redis connection")
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let pattern = format!("{}:*", self.prefix);
+        let _ = std::thread::spawn(move || {
+            let Ok(client) = redis::Client::open(REDIS_URL) else {
+                return;
+            };
+            let Ok(mut con) = client.get_connection() else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query(&mut con)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut con);
+            }
+        })
+        .join();
+    }
+}
+
+async fn pttl(key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut raw_redis().await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_values_are_prefixed_and_expire() {
+    let r = redis_cache("expiry").await;
+    let c = &r.cache;
+    c.set("k", "v", Duration::from_millis(300)).await.unwrap();
+    assert_eq!(c.get("k").await.unwrap().as_deref(), Some("v"));
+    let full = format!("{}:k", r.prefix);
+    assert_eq!(r.cache.full_key("k"), full);
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(&full)
+        .query_async(&mut raw_redis().await)
+        .await
+        .unwrap();
+    assert_eq!(raw.as_deref(), Some("v"));
+    let ttl = pttl(&full).await;
+    assert!((1..=300).contains(&ttl), "PTTL {ttl}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(c.get("k").await.unwrap(), None);
+    assert!(c.is_ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_set_nx_sets_once_and_delete_if_eq_compares() {
+    let r = redis_cache("nx").await;
+    let c = &r.cache;
+    assert!(c.set_nx("lock", "a", LONG).await.unwrap());
+    assert!(!c.set_nx("lock", "b", LONG).await.unwrap());
+    assert_eq!(c.get("lock").await.unwrap().as_deref(), Some("a"));
+    let ttl = pttl(&r.cache.full_key("lock")).await;
+    assert!((1..=60_000).contains(&ttl), "PTTL {ttl}");
+    assert!(!c.delete_if_eq("lock", "b").await.unwrap());
+    assert!(c.delete_if_eq("lock", "a").await.unwrap());
+    assert!(!c.delete_if_eq("lock", "a").await.unwrap());
+    assert!(
+        c.set_nx("lock", "c", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(c.set_nx("lock", "d", LONG).await.unwrap());
+    c.delete("lock").await.unwrap();
+    assert_eq!(c.get("lock").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lists_keep_the_newest_items_and_their_ttl() {
+    let r = redis_cache("lists").await;
+    let c = &r.cache;
+    for i in 0..5 {
+        c.list_push("l", &[i.to_string()], 3, LONG).await.unwrap();
+    }
+    assert_eq!(c.list_range("l").await.unwrap(), ["2", "3", "4"]);
+    let items: Vec<String> = ["a", "b", "c", "d"].map(String::from).into();
+    c.list_push("l", &items, 3, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(c.list_range("l").await.unwrap(), ["b", "c", "d"]);
+    let ttl = pttl(&c.full_key("l")).await;
+    assert!((1..=5000).contains(&ttl), "PTTL {ttl}");
+    // Nothing to add still refreshes the TTL.
+    c.list_push("l", &[], 3, LONG).await.unwrap();
+    assert!(pttl(&c.full_key("l")).await > 5000);
+    c.list_push("l", &items, 0, LONG).await.unwrap();
+    assert!(c.list_range("l").await.unwrap().is_empty());
+    assert!(c.list_range("never").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_wrong_kind_of_value_is_reported_as_such() {
+    let r = redis_cache("types").await;
+    let c = &r.cache;
+    c.list_push("l", &["x".into()], 3, LONG).await.unwrap();
+    assert!(matches!(c.get("l").await, Err(CacheError::WrongType)));
+    assert!(!c.delete_if_eq("l", "x").await.unwrap());
+    c.set("s", "x", LONG).await.unwrap();
+    assert!(matches!(
+        c.list_range("s").await,
+        Err(CacheError::WrongType)
+    ));
+    assert!(matches!(
+        c.list_push("s", &["y".into()], 3, LONG).await,
+        Err(CacheError::WrongType)
+    ));
+    assert!(c.is_ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_is_not_ready_and_never_echoes_the_password() {
+    let settings = CacheSettings {
+        url: Some(Secret::new("redis://:hunter2@127.0.0.1:1/0")),
+        key_prefix: unique("down"),
+    };
+    let cache = RedisCache::start(&settings).unwrap();
+    let started = Instant::now();
+    let err = cache.get("k").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(matches!(&err, CacheError::Unavailable(_)), "{err}");
+    assert!(!format!("{err} {cache:?}").contains("hunter2"), "{err}");
+    assert!(!cache.is_ready());
+}
+
+// ---------------------------------------------------------------------------------------
+// Benchmark (issue 3: ≥ 70 % of a bare lapin confirmed-publish loop)
+
+const BENCH_MESSAGES: usize = 4000;
+const BENCH_CONCURRENCY: usize = 64;
+
+/// Publishes `BENCH_MESSAGES` persistent messages on one confirm channel, `window` in flight
+/// at a time, as a hand-written lapin loop would; returns messages per second.
+async fn bare_lapin_rate(queue: &str, window: usize) -> f64 {
+    let (conn, ch) = raw_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let payload = job("bench").to_bytes();
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for _ in 0..BENCH_MESSAGES {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &payload,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        pending.push_back(confirm);
+        if pending.len() >= window
+            && let Some(oldest) = pending.pop_front()
+        {
+            assert!(oldest.await.unwrap().is_ack());
+        }
+    }
+    for confirm in pending {
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    let rate = BENCH_MESSAGES as f64 / started.elapsed().as_secs_f64();
+    let _ = conn.close(200, "done".into()).await;
+    rate
+}
+
+/// `BENCH_MESSAGES` publishes through the seam from `BENCH_CONCURRENCY` tasks, as the
+/// ingress does from concurrent requests; returns messages per second.
+async fn seam_rate(queue: &AmqpQueue) -> f64 {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..BENCH_CONCURRENCY {
+        let queue = queue.clone();
+        tasks.spawn(async move {
+            for i in (t..BENCH_MESSAGES).step_by(BENCH_CONCURRENCY) {
+                queue.publish(&job(&format!("bench-{i}"))).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    BENCH_MESSAGES as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test -p parley-shared --release --test backends -- --ignored --nocapture"]
+async fn amqp_publish_rate_is_at_least_70_percent_of_a_bare_lapin_loop() {
+    let b = broker("bench", &[1], 1).await;
+    let jobs = b.name("jobs");
+    let sequential = bare_lapin_rate(&jobs, 1).await;
+    let pipelined = bare_lapin_rate(&jobs, BENCH_CONCURRENCY).await;
+    let seam = seam_rate(&b.queue).await;
+    eprintln!(
+        "confirmed persistent publishes/s: bare sequential {sequential:.0}, bare {BENCH_CONCURRENCY} in flight {pipelined:.0}, AmqpQueue from {BENCH_CONCURRENCY} tasks {seam:.0} ({:.0} % of the pipelined loop)",
+        100.0 * seam / pipelined
+    );
+    assert!(seam >= 0.7 * pipelined);
+    b.finish().await;
+}
+
+/// A Redis of this test's own on a free port, so it can be killed and restarted without
+/// touching the shared one.
+struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut redis = Self { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_is_survived_without_restarting_the_cache() {
+    require("Redis", 6379); // the same binary; fail loudly where Redis is missing
+    let mut server = PrivateRedis::start();
+    let settings = CacheSettings {
+        url: Some(Secret::new(format!("redis://127.0.0.1:{}/0", server.port))),
+        key_prefix: unique("restart"),
+    };
+    let cache = RedisCache::start(&settings).unwrap();
+    assert!(cache.wait_ready(WAIT).await);
+    cache.set("k", "v", LONG).await.unwrap();
+
+    server.kill();
+    assert!(matches!(
+        cache.get("k").await,
+        Err(CacheError::Unavailable(_))
+    ));
+    assert!(!cache.is_ready());
+
+    server.restart();
+    let back = Instant::now();
+    let deadline = back + WAIT;
+    while cache.get("k").await.is_err() {
+        assert!(Instant::now() < deadline, "the cache never recovered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "recovered only after {took:?}"
+    );
+    // The data went with the old server; the connection is what came back.
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    wait_until("the cache is ready again", || cache.is_ready()).await;
+}
