@@ -1,9 +1,15 @@
-//! An open-loop load generator for the DingTalk ingress: it sends signed callbacks at a fixed
-//! arrival rate, each with a unique `msgId`, and measures every acknowledgement from the
-//! request's *intended* send time, so a slow server shows up as latency instead of silently
-//! lowering the rate (no coordinated omission). It runs its own [`FakeDingTalk`] in-process:
-//! the callbacks' sessionWebhooks point at it, so the replies Parley sends back are counted
-//! (missing, duplicated) and timed end to end.
+//! An open-loop load generator for the ingress: it sends callbacks at a fixed arrival rate —
+//! DingTalk's (signed JSON) or a WeCom self-built app's (encrypted, signed XML) — each with a
+//! unique message id, and measures every acknowledgement from the request's *intended* send
+//! time, so a slow server shows up as latency instead of silently lowering the rate (no
+//! coordinated omission). It runs the platform's fake in-process ([`FakeDingTalk`] or
+//! [`FakeWecom`]), so the replies Parley sends back are counted (missing, duplicated) and
+//! timed end to end.
+//!
+//! Scheduling and measuring are one code path for both platforms; only how a request is
+//! built and how a reply is attributed to its conversation differ (`Callbacks`). WeCom
+//! bodies are encrypted and signed before the run starts, so AES and SHA-1 cost on the
+//! generator's side cannot disturb the schedule.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -11,42 +17,121 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use hdrhistogram::Histogram;
+use reqwest::Url;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::Serialize;
 use serde_json::json;
+use shared::wecom::crypto::WecomCrypto;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::dingtalk::{CALLBACK_SESSION_TTL, CallbackSpec, FakeApp, FakeDingTalk, Via};
+use super::wecom::{FakeWecom, FakeWecomApp, PER_MEMBER_PER_MINUTE, text_message};
+
+/// Tencent's sample self-built app: the defaults of the WeCom options.
+const SAMPLE_CORP_ID: &str = "ww1436e0e65a779aee";
+const SAMPLE_AGENT_ID: i64 = 1000002;
+const SAMPLE_WECOM_TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
+const SAMPLE_ENCODING_AES_KEY: &str = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt";
+const DEFAULT_CORP_SECRET: &str = "demo-secret";
+/// WeCom callbacks are signed before the run and Parley, like WeCom, refuses timestamps more
+/// than an hour away: a WeCom run must end well inside that hour.
+const WECOM_MAX_DURATION_SECS: u64 = 3000;
+/// Pre-encrypted WeCom requests are held in memory (about 1 KB each) and their MsgIds carry
+/// the request number in 32 bits.
+const WECOM_MAX_REQUESTS: u64 = 5_000_000;
+/// The text of every generated message.
+const MESSAGE_TEXT: &str = "hello from the load generator";
+/// After the expected replies arrived, how long to keep listening for late duplicates.
+const REPLY_SETTLE: Duration = Duration::from_millis(250);
+
+/// Which platform's callbacks `parley sim load` sends.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadPlatform {
+    /// Signed JSON callbacks (`POST /dingtalk/{bot}`); replies arrive on sessionWebhooks.
+    #[default]
+    #[value(name = "dingtalk")]
+    DingTalk,
+    /// Encrypted, signed XML callbacks of a self-built app (`POST /wecom/{bot}`); replies
+    /// arrive on `message/send`.
+    Wecom,
+}
+
+impl fmt::Display for LoadPlatform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoadPlatform::DingTalk => "dingtalk",
+            LoadPlatform::Wecom => "wecom",
+        })
+    }
+}
 
 /// Options of `parley sim load`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Ingress callback URL, e.g. `http://127.0.0.1:8080/dingtalk/bot1`.
+    /// Platform whose callbacks to send.
+    #[arg(long, value_enum, default_value_t = LoadPlatform::DingTalk)]
+    pub platform: LoadPlatform,
+    /// Ingress callback URL, e.g. `http://127.0.0.1:8080/dingtalk/bot1` or
+    /// `http://127.0.0.1:8080/wecom/bot1`.
     #[arg(long)]
     pub target: String,
-    /// App secret the ingress verifies the `sign` header with.
+    /// DingTalk (required there): app secret the ingress verifies the `sign` header with.
     #[arg(long, env = "PARLEY_LOAD_APP_SECRET", hide_env_values = true)]
-    pub app_secret: String,
-    /// robotCode (= app key) put in the callbacks.
+    pub app_secret: Option<String>,
+    /// DingTalk: robotCode (= app key) put in the callbacks.
     #[arg(long, default_value = "demo-app")]
     pub robot_code: String,
+    /// WeCom: CorpID, the receive id inside every encrypted message.
+    #[arg(long, default_value = SAMPLE_CORP_ID)]
+    pub corp_id: String,
+    /// WeCom: AgentId of the app the messages are sent to.
+    #[arg(long, default_value_t = SAMPLE_AGENT_ID)]
+    pub agent_id: i64,
+    /// WeCom: the app Secret the in-process fake WeCom issues access tokens for (the bot's
+    /// `corp_secret` in Parley's configuration).
+    #[arg(
+        long,
+        env = "PARLEY_LOAD_CORP_SECRET",
+        hide_env_values = true,
+        default_value = DEFAULT_CORP_SECRET
+    )]
+    pub corp_secret: String,
+    /// WeCom: callback Token the callbacks are signed with.
+    #[arg(
+        long,
+        env = "PARLEY_LOAD_WECOM_TOKEN",
+        hide_env_values = true,
+        default_value = SAMPLE_WECOM_TOKEN
+    )]
+    pub wecom_token: String,
+    /// WeCom: callback EncodingAESKey (43 characters) the callbacks are encrypted with.
+    #[arg(
+        long,
+        env = "PARLEY_LOAD_ENCODING_AES_KEY",
+        hide_env_values = true,
+        default_value = SAMPLE_ENCODING_AES_KEY
+    )]
+    pub encoding_aes_key: String,
     /// Arrival rate in requests per second.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
     /// How long to send, in seconds.
     #[arg(long, default_value_t = 10)]
     pub duration_secs: u64,
-    /// Distinct conversations the callbacks are spread over (round-robin).
+    /// Distinct conversations the callbacks are spread over (round-robin). For WeCom, each
+    /// is one member (FromUserName).
     #[arg(long, default_value_t = 1000)]
     pub conversations: usize,
-    /// Use group conversations (default: one-to-one chats).
+    /// DingTalk: use group conversations (default: one-to-one chats).
     #[arg(long)]
     pub group: bool,
-    /// Where the in-process fake DingTalk listens: its sessionWebhooks receive the replies.
-    /// Pick a fixed port if Parley must also reach it for OpenAPI sends.
+    /// Where the in-process fake platform listens. DingTalk: its sessionWebhooks receive the
+    /// replies; pick a fixed port if Parley must also reach it for OpenAPI sends. WeCom: the
+    /// bot's `api_base` must point here for replies to be counted, so pick a fixed port.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub fake_listen: SocketAddr,
     /// Wait up to this many seconds for one reply per accepted callback (0 = don't wait).
@@ -61,12 +146,32 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
-    /// The defaults of the command line, for `target` and `app_secret`.
+    /// The defaults of the command line for a DingTalk run against `target`, signed with
+    /// `app_secret`.
     pub fn new(target: impl Into<String>, app_secret: impl Into<String>) -> Self {
         Self {
-            target: target.into(),
-            app_secret: app_secret.into(),
+            app_secret: Some(app_secret.into()),
+            ..Self::defaults(target.into(), LoadPlatform::DingTalk)
+        }
+    }
+
+    /// The defaults of the command line for a WeCom run against `target` (a
+    /// `/wecom/{bot}` URL), as Tencent's sample app.
+    pub fn wecom(target: impl Into<String>) -> Self {
+        Self::defaults(target.into(), LoadPlatform::Wecom)
+    }
+
+    fn defaults(target: String, platform: LoadPlatform) -> Self {
+        Self {
+            platform,
+            target,
+            app_secret: None,
             robot_code: "demo-app".to_owned(),
+            corp_id: SAMPLE_CORP_ID.to_owned(),
+            agent_id: SAMPLE_AGENT_ID,
+            corp_secret: DEFAULT_CORP_SECRET.to_owned(),
+            wecom_token: SAMPLE_WECOM_TOKEN.to_owned(),
+            encoding_aes_key: SAMPLE_ENCODING_AES_KEY.to_owned(),
             rate: 1000.0,
             duration_secs: 10,
             conversations: 1000,
@@ -121,6 +226,9 @@ pub struct ReplyReport {
     pub missing: u64,
     /// Messages the fake recorded that belong to none of this run's conversations.
     pub unattributed: u64,
+    /// Replies the fake platform accepted and silently dropped (WeCom: beyond 30 a minute to
+    /// one member); they count as missing too.
+    pub dropped_by_platform: u64,
     /// From a callback's intended send time to its reply's arrival (FIFO per conversation).
     pub latency_ms: Percentiles,
 }
@@ -128,6 +236,8 @@ pub struct ReplyReport {
 /// What one load run measured.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LoadReport {
+    /// The platform whose callbacks were sent.
+    pub platform: LoadPlatform,
     /// The callback URL.
     pub target: String,
     /// Requested arrival rate, req/s.
@@ -171,7 +281,7 @@ impl fmt::Display for LoadReport {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        writeln!(f, "load → {}", self.target)?;
+        writeln!(f, "load → {}  ({})", self.target, self.platform)?;
         writeln!(
             f,
             "  schedule          {} req/s for {} s over {} conversations",
@@ -191,11 +301,15 @@ impl fmt::Display for LoadReport {
         write!(f, "  ack latency ms    {}", p(&self.ack_latency_ms))?;
         if let Some(r) = &self.replies {
             writeln!(f)?;
-            writeln!(
+            write!(
                 f,
-                "  replies           {}  (duplicates {}, missing {}, unattributed {})",
+                "  replies           {}  (duplicates {}, missing {}, unattributed {}",
                 r.replies, r.duplicates, r.missing, r.unattributed
             )?;
+            if r.dropped_by_platform > 0 {
+                write!(f, ", dropped by the platform {}", r.dropped_by_platform)?;
+            }
+            writeln!(f, ")")?;
             write!(f, "  reply latency ms  {}", p(&r.latency_ms))?;
         }
         Ok(())
@@ -216,20 +330,7 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
         bail!("rate × duration is less than one request");
     }
     let permits = u32::try_from(args.connections).context("--connections is too large")?;
-
-    let fake = FakeDingTalk::start(
-        args.fake_listen,
-        vec![FakeApp::new(&args.robot_code, &args.app_secret)],
-    )
-    .await
-    .with_context(|| format!("starting the fake DingTalk on {}", args.fake_listen))?;
-    let session_ttl = CALLBACK_SESSION_TTL
-        + Duration::from_secs(args.duration_secs.saturating_add(args.wait_replies_secs));
-    let conversations: Arc<Vec<Conversation>> = Arc::new(
-        (0..args.conversations)
-            .map(|i| Conversation::new(&fake, &args, i, session_ttl))
-            .collect::<anyhow::Result<_>>()?,
-    );
+    let mut callbacks = Callbacks::prepare(&args, total).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)
         .tcp_nodelay(true)
@@ -239,15 +340,13 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
         .context("building the HTTP client")?;
     let stats = Arc::new(Mutex::new(AckStats::new()?));
     let semaphore = Arc::new(Semaphore::new(args.connections));
-    let run_id: u32 = rand::random();
-    let mut signer = Signer::new(&args.app_secret);
-    let target: Arc<str> = Arc::from(args.target.as_str());
 
     eprintln!(
-        "sending {total} callbacks at {} req/s to {} (replies to {})",
+        "sending {total} {} callbacks at {} req/s to {} (replies to {})",
+        args.platform,
         args.rate,
         args.target,
-        fake.base_url()
+        callbacks.fake_url()
     );
     let start = Instant::now();
     let start_epoch_us = epoch_us();
@@ -259,21 +358,8 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
             tokio::time::sleep_until(intended).await;
         }
         let permit = semaphore.clone().acquire_owned().await?;
-        let conv_index = (i % conversations.len() as u64) as usize;
-        let msg_id = format!("msgLoad{run_id:08x}{i:012}");
-        let body = conversations[conv_index]
-            .template
-            .render(&msg_id, shared::now_ms());
-        let (timestamp, sign) = signer.current();
-        let request = client
-            .post(&*target)
-            .header("timestamp", timestamp)
-            .header("sign", sign)
-            .header(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/json; charset=utf-8"),
-            )
-            .body(body);
+        let conv_index = conversation_of(i, args.conversations);
+        let request = callbacks.request(&client, i, conv_index)?;
         let stats = stats.clone();
         tokio::spawn(async move {
             let result = match request.send().await {
@@ -308,22 +394,22 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
             args.wait_replies_secs, stats.ok
         );
         let expected = usize::try_from(stats.ok).unwrap_or(usize::MAX);
-        fake.wait_for(expected, Duration::from_secs(args.wait_replies_secs))
+        let arrivals = callbacks
+            .replies(expected, Duration::from_secs(args.wait_replies_secs))
             .await;
-        // A short settle so that late duplicates are seen too.
-        let recorded = fake.wait_for(usize::MAX, Duration::from_millis(250)).await;
         Some(account_replies(
-            &conversations,
-            &stats,
-            &recorded,
+            args.conversations,
+            &stats.accepted,
+            &arrivals,
             start_epoch_us,
         )?)
     } else {
         None
     };
-    fake.shutdown();
+    drop(callbacks);
 
     let report = LoadReport {
+        platform: args.platform,
         target: args.target.clone(),
         target_rate: args.rate,
         duration_secs: args.duration_secs,
@@ -344,6 +430,318 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
     Ok(report)
 }
 
+/// The conversation (round-robin) of callback number `i`.
+fn conversation_of(i: u64, conversations: usize) -> usize {
+    // The remainder is below `conversations`, so it fits.
+    (i % conversations as u64) as usize
+}
+
+/// The user id of conversation number `index`.
+fn user_name(index: usize) -> String {
+    format!("loaduser{index:06}")
+}
+
+/// The platform side of a run: its in-process fake, how each callback is built, and how
+/// each reply is attributed to a conversation. Dropping it stops the fake.
+enum Callbacks {
+    DingTalk(DingTalkCallbacks),
+    Wecom(WecomCallbacks),
+}
+
+/// Replies the fake recorded: the conversation each belongs to (None: not this run's) and
+/// its arrival time in ms since the epoch; plus what the fake dropped silently.
+struct Arrivals {
+    replies: Vec<(Option<usize>, i64)>,
+    dropped: u64,
+}
+
+impl Callbacks {
+    /// Starts the fake and builds what the run needs before the clock starts.
+    async fn prepare(args: &LoadArgs, total: u64) -> anyhow::Result<Self> {
+        let target = Url::parse(&args.target)
+            .with_context(|| format!("--target {:?} is not a URL", args.target))?;
+        let run_id: u32 = rand::random();
+        Ok(match args.platform {
+            LoadPlatform::DingTalk => {
+                Self::DingTalk(DingTalkCallbacks::prepare(args, target, run_id).await?)
+            }
+            LoadPlatform::Wecom => {
+                Self::Wecom(WecomCallbacks::prepare(args, target, total, run_id).await?)
+            }
+        })
+    }
+
+    fn fake_url(&self) -> String {
+        match self {
+            Self::DingTalk(d) => d.fake.base_url(),
+            Self::Wecom(w) => w.fake.base_url(),
+        }
+    }
+
+    /// The request of callback number `i`, which belongs to conversation `conv_index`.
+    fn request(
+        &mut self,
+        client: &reqwest::Client,
+        i: u64,
+        conv_index: usize,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        match self {
+            Self::DingTalk(d) => Ok(d.request(client, i, conv_index)),
+            Self::Wecom(w) => w.request(client),
+        }
+    }
+
+    /// Waits up to `timeout` for `expected` replies, then [`REPLY_SETTLE`] longer so that
+    /// late duplicates are seen too, and attributes what the fake recorded.
+    async fn replies(&self, expected: usize, timeout: Duration) -> Arrivals {
+        match self {
+            Self::DingTalk(d) => {
+                d.fake.wait_for(expected, timeout).await;
+                let recorded = d.fake.wait_for(usize::MAX, REPLY_SETTLE).await;
+                Arrivals {
+                    replies: d.attribute(&recorded),
+                    dropped: 0,
+                }
+            }
+            Self::Wecom(w) => {
+                w.fake.wait_for(expected, timeout).await;
+                let recorded = w.fake.wait_for(usize::MAX, REPLY_SETTLE).await;
+                Arrivals {
+                    replies: w.attribute(&recorded),
+                    dropped: w.fake.dropped() as u64,
+                }
+            }
+        }
+    }
+}
+
+/// DingTalk: a pre-rendered body per conversation, completed and signed per request.
+struct DingTalkCallbacks {
+    fake: FakeDingTalk,
+    conversations: Vec<Conversation>,
+    signer: Signer,
+    target: Url,
+    run_id: u32,
+}
+
+impl DingTalkCallbacks {
+    async fn prepare(args: &LoadArgs, target: Url, run_id: u32) -> anyhow::Result<Self> {
+        let Some(app_secret) = args.app_secret.as_deref() else {
+            bail!("--app-secret (or PARLEY_LOAD_APP_SECRET) is required with --platform dingtalk");
+        };
+        let fake = FakeDingTalk::start(
+            args.fake_listen,
+            vec![FakeApp::new(&args.robot_code, app_secret)],
+        )
+        .await
+        .with_context(|| format!("starting the fake DingTalk on {}", args.fake_listen))?;
+        let mut callbacks = Self {
+            fake,
+            conversations: Vec::with_capacity(args.conversations),
+            signer: Signer::new(app_secret),
+            target,
+            run_id,
+        };
+        let session_ttl = CALLBACK_SESSION_TTL
+            + Duration::from_secs(args.duration_secs.saturating_add(args.wait_replies_secs));
+        for i in 0..args.conversations {
+            let conversation = Conversation::new(&callbacks.fake, args, i, session_ttl)?;
+            callbacks.conversations.push(conversation);
+        }
+        Ok(callbacks)
+    }
+
+    fn request(
+        &mut self,
+        client: &reqwest::Client,
+        i: u64,
+        conv_index: usize,
+    ) -> reqwest::RequestBuilder {
+        let msg_id = format!("msgLoad{:08x}{i:012}", self.run_id);
+        let body = self.conversations[conv_index]
+            .template
+            .render(&msg_id, shared::now_ms());
+        let (timestamp, sign) = self.signer.current();
+        client
+            .post(self.target.clone())
+            .header("timestamp", timestamp)
+            .header("sign", sign)
+            .header(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            )
+            .body(body)
+    }
+
+    /// Replies by sessionWebhook or group send belong to their conversation, one-to-one
+    /// sends to their user's.
+    fn attribute(&self, recorded: &[super::SentMessage]) -> Vec<(Option<usize>, i64)> {
+        let by_conversation = index_by(self.conversations.iter().map(|c| c.id.as_str()));
+        let by_user = index_by(self.conversations.iter().map(|c| c.user.as_str()));
+        recorded
+            .iter()
+            .map(|msg| {
+                let conv = match msg.via {
+                    Via::OtoSend => msg.user_ids.first().and_then(|u| by_user.get(u.as_str())),
+                    Via::SessionWebhook | Via::GroupSend => msg
+                        .conversation_id
+                        .as_deref()
+                        .and_then(|c| by_conversation.get(c)),
+                };
+                (conv.copied(), msg.received_at_ms)
+            })
+            .collect()
+    }
+}
+
+/// WeCom: every request of the run, encrypted and signed before the clock starts.
+struct WecomCallbacks {
+    fake: FakeWecom,
+    /// The FromUserName of each conversation.
+    users: Vec<String>,
+    /// The requests in send order.
+    prepared: std::vec::IntoIter<PreparedCallback>,
+}
+
+/// One encrypted WeCom callback: the target URL with `msg_signature`, `timestamp` and
+/// `nonce`, and the XML envelope.
+struct PreparedCallback {
+    url: Url,
+    body: String,
+}
+
+impl WecomCallbacks {
+    async fn prepare(
+        args: &LoadArgs,
+        target: Url,
+        total: u64,
+        run_id: u32,
+    ) -> anyhow::Result<Self> {
+        if args.duration_secs > WECOM_MAX_DURATION_SECS {
+            bail!(
+                "--duration-secs is at most {WECOM_MAX_DURATION_SECS} with --platform wecom: \
+                 callbacks are signed before the run and timestamps older than an hour are refused"
+            );
+        }
+        if total > WECOM_MAX_REQUESTS {
+            bail!(
+                "at most {WECOM_MAX_REQUESTS} requests with --platform wecom (they are \
+                 encrypted before the run and held in memory); lower --rate or --duration-secs"
+            );
+        }
+        WecomCrypto::new(&args.wecom_token, &args.encoding_aes_key, &args.corp_id)
+            .map_err(|e| anyhow!("--encoding-aes-key: {e}"))?;
+        let app = FakeWecomApp {
+            corp_id: args.corp_id.clone(),
+            corp_secret: args.corp_secret.clone(),
+            agent_id: args.agent_id,
+            token: args.wecom_token.clone(),
+            encoding_aes_key: args.encoding_aes_key.clone(),
+        };
+        if args.wait_replies_secs > 0 {
+            if args.fake_listen.port() == 0 {
+                eprintln!(
+                    "warning: the fake WeCom listens on a random port; replies are counted only \
+                     if the bot's api_base points at it (pass a fixed --fake-listen)"
+                );
+            }
+            let per_member = total
+                .min((args.rate * 60.0).ceil() as u64)
+                .div_ceil(args.conversations as u64);
+            if per_member > PER_MEMBER_PER_MINUTE as u64 {
+                eprintln!(
+                    "warning: about {per_member} messages a minute per member; WeCom (and its \
+                     fake) silently drop replies beyond {PER_MEMBER_PER_MINUTE}: raise --conversations"
+                );
+            }
+        }
+        let fake = FakeWecom::start(args.fake_listen, vec![app])
+            .await
+            .with_context(|| format!("starting the fake WeCom on {}", args.fake_listen))?;
+        let mut callbacks = Self {
+            fake,
+            users: (0..args.conversations).map(user_name).collect(),
+            prepared: Vec::new().into_iter(),
+        };
+        let began = std::time::Instant::now();
+        let (fake, users) = (callbacks.fake.clone(), callbacks.users.clone());
+        let (corp_id, agent_id) = (args.corp_id.clone(), args.agent_id);
+        let prepared = tokio::task::spawn_blocking(move || {
+            (0..total)
+                .map(|i| {
+                    let from = &users[conversation_of(i, users.len())];
+                    // Numeric and unique, like WeCom's 64-bit MsgIds; i < 2^32 (checked above).
+                    let msg_id = (u64::from(run_id) << 32 | i).to_string();
+                    let xml = text_message(&corp_id, agent_id, from, &msg_id, MESSAGE_TEXT);
+                    let (query, body) = fake.callback(&corp_id, &xml);
+                    PreparedCallback {
+                        url: with_query(&target, &query),
+                        body,
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .context("encrypting the WeCom callbacks")?;
+        eprintln!(
+            "encrypted and signed {total} WeCom callbacks in {:.2} s",
+            began.elapsed().as_secs_f64()
+        );
+        callbacks.prepared = prepared.into_iter();
+        Ok(callbacks)
+    }
+
+    fn request(&mut self, client: &reqwest::Client) -> anyhow::Result<reqwest::RequestBuilder> {
+        let next = self
+            .prepared
+            .next()
+            .context("more requests scheduled than prepared")?;
+        Ok(client
+            .post(next.url)
+            .header(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/xml; charset=utf-8"),
+            )
+            .body(next.body))
+    }
+
+    /// `message/send` replies belong to the conversation of their `touser`.
+    fn attribute(&self, recorded: &[super::WecomSent]) -> Vec<(Option<usize>, i64)> {
+        let by_user = index_by(self.users.iter().map(String::as_str));
+        recorded
+            .iter()
+            .map(|msg| (by_user.get(msg.user.as_str()).copied(), msg.received_at_ms))
+            .collect()
+    }
+}
+
+impl Drop for DingTalkCallbacks {
+    fn drop(&mut self) {
+        self.fake.shutdown();
+    }
+}
+
+impl Drop for WecomCallbacks {
+    fn drop(&mut self) {
+        self.fake.shutdown();
+    }
+}
+
+/// `base` with `query` appended to its query string.
+fn with_query(base: &Url, query: &str) -> Url {
+    let mut url = base.clone();
+    match base.query().filter(|q| !q.is_empty()) {
+        Some(existing) => url.set_query(Some(&format!("{existing}&{query}"))),
+        None => url.set_query(Some(query)),
+    }
+    url
+}
+
+/// Position of every name.
+fn index_by<'a>(names: impl Iterator<Item = &'a str>) -> HashMap<&'a str, usize> {
+    names.enumerate().map(|(i, name)| (name, i)).collect()
+}
+
 /// One simulated conversation: its id, its user, and its pre-rendered callback body.
 struct Conversation {
     id: String,
@@ -358,8 +756,8 @@ impl Conversation {
         index: usize,
         session_ttl: Duration,
     ) -> anyhow::Result<Self> {
-        let user = format!("loaduser{index:06}");
-        let text = "hello from the load generator";
+        let user = user_name(index);
+        let text = MESSAGE_TEXT;
         let mut spec = if args.group {
             let cid = format!("cidLoadGroup{index:06}==");
             CallbackSpec::group(&args.robot_code, &cid, &user, text)
@@ -528,41 +926,33 @@ impl AckStats {
 
 /// Matches replies to accepted callbacks per conversation, in order, and times them.
 fn account_replies(
-    conversations: &[Conversation],
-    stats: &AckStats,
-    recorded: &[super::SentMessage],
+    conversations: usize,
+    accepted: &[(usize, u64)],
+    arrivals: &Arrivals,
     start_epoch_us: i64,
 ) -> anyhow::Result<ReplyReport> {
-    let mut by_conversation: HashMap<&str, usize> = HashMap::new();
-    let mut by_user: HashMap<&str, usize> = HashMap::new();
-    for (i, c) in conversations.iter().enumerate() {
-        by_conversation.insert(c.id.as_str(), i);
-        by_user.insert(c.user.as_str(), i);
+    let mut sends: Vec<Vec<u64>> = vec![Vec::new(); conversations];
+    for &(conv, sent_us) in accepted {
+        if let Some(list) = sends.get_mut(conv) {
+            list.push(sent_us);
+        }
     }
-    let mut sends: Vec<Vec<u64>> = vec![Vec::new(); conversations.len()];
-    for &(conv, sent_us) in &stats.accepted {
-        sends[conv].push(sent_us);
-    }
-    let mut arrivals: Vec<Vec<i64>> = vec![Vec::new(); conversations.len()];
-    let mut report = ReplyReport::default();
-    for msg in recorded {
-        let conv = match msg.via {
-            Via::OtoSend => msg.user_ids.first().and_then(|u| by_user.get(u.as_str())),
-            Via::SessionWebhook | Via::GroupSend => msg
-                .conversation_id
-                .as_deref()
-                .and_then(|c| by_conversation.get(c)),
-        };
-        match conv {
-            Some(&i) => {
+    let mut received: Vec<Vec<i64>> = vec![Vec::new(); conversations];
+    let mut report = ReplyReport {
+        dropped_by_platform: arrivals.dropped,
+        ..ReplyReport::default()
+    };
+    for &(conv, arrived_ms) in &arrivals.replies {
+        match conv.and_then(|i| received.get_mut(i)) {
+            Some(list) => {
                 report.replies += 1;
-                arrivals[i].push(msg.received_at_ms);
+                list.push(arrived_ms);
             }
             None => report.unattributed += 1,
         }
     }
     let mut latency = latency_histogram()?;
-    for (sent, arrived) in sends.iter_mut().zip(arrivals.iter_mut()) {
+    for (sent, arrived) in sends.iter_mut().zip(received.iter_mut()) {
         sent.sort_unstable();
         arrived.sort_unstable();
         report.duplicates += arrived.len().saturating_sub(sent.len()) as u64;
@@ -656,27 +1046,208 @@ mod tests {
                 },
             ),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = serve(app).await;
 
         let mut args = LoadArgs::new(format!("http://{addr}/dingtalk/bot1"), "s3cret");
-        args.rate = 200.0;
-        args.duration_secs = 1;
         args.conversations = 7;
         args.group = true;
+        let report = run_200_expecting_every_reply(args).await;
+        assert_eq!(report.platform, LoadPlatform::DingTalk);
+        assert!(report.ack_latency_ms.max >= report.ack_latency_ms.p50);
+    }
+
+    /// Sends 200 callbacks in one second and checks that each was acknowledged and answered
+    /// exactly once.
+    async fn run_200_expecting_every_reply(mut args: LoadArgs) -> LoadReport {
+        args.rate = 200.0;
+        args.duration_secs = 1;
         args.wait_replies_secs = 10;
         args.connections = 16;
         let report = run_load(args).await.unwrap();
         assert_eq!(report.sent, 200);
         assert_eq!(report.ok_2xx, 200, "{report}");
         assert_eq!(report.errors, 0);
-        let replies = report.replies.unwrap();
-        assert_eq!(replies.replies, 200);
-        assert_eq!(replies.missing, 0);
-        assert_eq!(replies.duplicates, 0);
-        assert_eq!(replies.unattributed, 0);
-        assert!(report.ack_latency_ms.max >= report.ack_latency_ms.p50);
+        let replies = report.replies.as_ref().unwrap();
+        let expected = ReplyReport {
+            replies: 200,
+            latency_ms: replies.latency_ms,
+            ..ReplyReport::default()
+        };
+        assert_eq!(replies, &expected);
+        report
+    }
+
+    /// A tiny WeCom ingress stand-in built from Parley's own pieces: it opens the callback,
+    /// answers 200, and replies with the message's text through [`WecomMessenger`] at
+    /// `api_base`. Every MsgId it accepts goes into `seen`.
+    ///
+    /// [`WecomMessenger`]: shared::wecom::client::WecomMessenger
+    fn wecom_stand_in(api_base: String, seen: Arc<Mutex<Vec<String>>>) -> Router {
+        use shared::messenger::{Messenger, OutgoingMessage};
+        use shared::secret::Secret;
+        let bot = shared::config::WecomBot {
+            id: "bot1".into(),
+            corp_id: SAMPLE_CORP_ID.into(),
+            corp_secret: Secret::new(DEFAULT_CORP_SECRET),
+            agent_id: SAMPLE_AGENT_ID,
+            token: Secret::new(SAMPLE_WECOM_TOKEN),
+            encoding_aes_key: Secret::new(SAMPLE_ENCODING_AES_KEY),
+            api_base,
+            markdown: false,
+            welcome_text: None,
+        };
+        let crypto =
+            WecomCrypto::new(SAMPLE_WECOM_TOKEN, SAMPLE_ENCODING_AES_KEY, SAMPLE_CORP_ID).unwrap();
+        let tokens = Arc::new(shared::token::TokenCache::new(Arc::new(
+            shared::cache::MemoryCache::new(),
+        )));
+        let messenger = Arc::new(shared::wecom::client::WecomMessenger::new(
+            reqwest::Client::new(),
+            bot.clone(),
+            tokens,
+        ));
+        Router::new().route(
+            "/wecom/{bot}",
+            post(
+                move |axum::extract::RawQuery(query): axum::extract::RawQuery,
+                      body: axum::body::Bytes| {
+                    let (bot, crypto, messenger, seen) =
+                        (bot.clone(), crypto.clone(), messenger.clone(), seen.clone());
+                    async move {
+                        let q: HashMap<String, String> =
+                            url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                                .into_owned()
+                                .collect();
+                        let opened = shared::wecom::open_callback(
+                            &crypto,
+                            &q["msg_signature"],
+                            &q["timestamp"],
+                            &q["nonce"],
+                            &body,
+                        );
+                        let Ok(msg) = opened else {
+                            return axum::http::StatusCode::UNAUTHORIZED;
+                        };
+                        seen.lock().unwrap().push(msg.msg_id.clone().unwrap());
+                        let job = shared::wecom::callback::to_job(&bot, &msg, 0).unwrap();
+                        tokio::spawn(async move {
+                            let text = OutgoingMessage::text(job.text().unwrap_or_default());
+                            messenger.send(&job, &text).await.unwrap();
+                        });
+                        axum::http::StatusCode::OK
+                    }
+                },
+            ),
+        )
+    }
+
+    async fn serve(app: Router) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn wecom_run_counts_acks_and_replies() {
+        // The fake WeCom must listen where the stand-in sends: reserve a port for it.
+        let fake_listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let addr = serve(wecom_stand_in(
+            format!("http://{fake_listen}"),
+            seen.clone(),
+        ))
+        .await;
+
+        let mut args = LoadArgs::wecom(format!("http://{addr}/wecom/bot1"));
+        // 20 messages per member: below WeCom's 30 a minute.
+        args.conversations = 10;
+        args.fake_listen = fake_listen;
+        let report = run_200_expecting_every_reply(args).await;
+        assert_eq!(report.platform, LoadPlatform::Wecom);
+        let mut ids = seen.lock().unwrap().clone();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 200, "MsgIds are unique");
+        assert!(ids.iter().all(|id| id.parse::<u64>().is_ok()), "{ids:?}");
+    }
+
+    #[tokio::test]
+    async fn wecom_wrong_token_shows_as_401() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let addr = serve(wecom_stand_in("http://127.0.0.1:9".into(), seen.clone())).await;
+        let mut args = LoadArgs::wecom(format!("http://{addr}/wecom/bot1"));
+        args.wecom_token = "not-the-token".into();
+        args.rate = 50.0;
+        args.duration_secs = 1;
+        let report = run_load(args).await.unwrap();
+        assert_eq!(report.non_2xx.get(&401), Some(&50), "{report}");
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_wecom_and_dingtalk_options_are_refused_before_sending() {
+        let mut args = LoadArgs::wecom("http://127.0.0.1:9/wecom/b");
+        args.encoding_aes_key = "short".into();
+        let e = run_load(args).await.unwrap_err();
+        assert!(e.to_string().contains("--encoding-aes-key"), "{e}");
+
+        let mut args = LoadArgs::wecom("http://127.0.0.1:9/wecom/b");
+        args.duration_secs = WECOM_MAX_DURATION_SECS + 1;
+        args.rate = 1.0;
+        assert!(run_load(args).await.is_err());
+
+        let mut args = LoadArgs::new("http://127.0.0.1:9/dingtalk/b", "s");
+        args.app_secret = None;
+        let e = run_load(args).await.unwrap_err();
+        assert!(e.to_string().contains("--app-secret"), "{e}");
+    }
+
+    #[test]
+    fn command_line_selects_the_platform() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            load: LoadArgs,
+        }
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "load",
+            "--platform",
+            "wecom",
+            "--target",
+            "http://h/wecom/b",
+            "--agent-id",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(cli.load.platform, LoadPlatform::Wecom);
+        assert_eq!(cli.load.agent_id, 7);
+        assert_eq!(cli.load.corp_id, SAMPLE_CORP_ID);
+        assert_eq!(cli.load.encoding_aes_key, SAMPLE_ENCODING_AES_KEY);
+        let cli = Cli::try_parse_from([
+            "load",
+            "--target",
+            "http://h/dingtalk/b",
+            "--app-secret",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(cli.load.platform, LoadPlatform::DingTalk);
+    }
+
+    #[test]
+    fn prepared_urls_keep_an_existing_query() {
+        let base = Url::parse("http://h/wecom/b?x=1").unwrap();
+        assert_eq!(
+            with_query(&base, "msg_signature=s&timestamp=1&nonce=2").as_str(),
+            "http://h/wecom/b?x=1&msg_signature=s&timestamp=1&nonce=2"
+        );
+        let base = Url::parse("http://h/wecom/b").unwrap();
+        assert_eq!(with_query(&base, "a=b").query(), Some("a=b"));
     }
 
     #[tokio::test]
@@ -692,9 +1263,7 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = serve(app).await;
         let mut args = LoadArgs::new(format!("http://{addr}/dingtalk/bot1"), "wrong");
         args.rate = 50.0;
         args.duration_secs = 1;
