@@ -1,18 +1,20 @@
 //! The application: turns `Settings` into running roles. It picks the backend of each seam
-//! (embedded now; brokers when `[queue].url` / `[cache].url` are set), builds one messenger
-//! per bot and the model client, binds the listeners (port 0 allowed, real port readable,
-//! so tests run many instances side by side), and runs until the shutdown token fires:
-//! first the ingress stops taking callbacks and drains, then the worker finishes what was
-//! accepted, then the admin listener closes.
+//! (embedded, or RabbitMQ and Redis when `[queue].url` / `[cache].url` are set), builds one
+//! messenger per bot and the model client, binds the listeners (port 0 allowed, real port
+//! readable, so tests run many instances side by side), and runs until the shutdown token
+//! fires: first the ingress stops taking callbacks and drains, then the worker finishes
+//! what it holds, then the broker connection and the admin listener close.
 
 use crate::admin::{self, Readiness};
 use anyhow::{Context, bail};
 use ingress::IngressState;
+use shared::cache::redis::RedisCache;
 use shared::cache::{Cache, MemoryCache};
 use shared::config::{BotSettings, Platform, Settings};
 use shared::dingtalk::client::DingTalkMessenger;
 use shared::llm::{LlmClient, OpenAiClient};
 use shared::messenger::Messenger;
+use shared::queue::amqp::AmqpQueue;
 use shared::queue::{JobQueue, MemoryQueue};
 use shared::token::TokenCache;
 use shared::wecom::client::WecomMessenger;
@@ -28,95 +30,137 @@ use worker::{Worker, WorkerSettings};
 /// How long in-flight jobs may run on after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Which roles a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roles {
+    /// Ingress and worker together (`parley serve`).
+    Serve,
+    /// The HTTP ingress only (`parley ingress`).
+    Ingress,
+    /// The worker only (`parley worker`).
+    Worker,
+}
+
+impl Roles {
+    fn ingress(self) -> bool {
+        matches!(self, Roles::Serve | Roles::Ingress)
+    }
+
+    fn worker(self) -> bool {
+        matches!(self, Roles::Serve | Roles::Worker)
+    }
+}
+
+/// The queue and cache of a process, with the handles the lifecycle needs.
+struct Backends {
+    queue: Arc<dyn JobQueue>,
+    cache: Arc<dyn Cache>,
+    /// Set for the embedded queue: what it holds must be worked off before exit.
+    memory_queue: Option<MemoryQueue>,
+    /// Set for RabbitMQ: closed last, so unsettled deliveries return to the broker.
+    amqp: Option<AmqpQueue>,
+}
+
+impl Backends {
+    fn build(settings: &Settings, roles: Roles) -> anyhow::Result<Self> {
+        if roles != Roles::Serve && (settings.queue.url.is_none() || settings.cache.url.is_none()) {
+            bail!(
+                "config: queue.url and cache.url: `parley ingress` and `parley worker` run apart and need RabbitMQ and Redis; use `parley serve` for the embedded ones"
+            );
+        }
+        let prefetch = u16::try_from(settings.llm.max_concurrency).unwrap_or(u16::MAX);
+        let (queue, memory_queue, amqp): (Arc<dyn JobQueue>, _, _) = match &settings.queue.url {
+            None => {
+                let q = MemoryQueue::new(settings.queue.capacity);
+                (Arc::new(q.clone()), Some(q), None)
+            }
+            Some(_) => {
+                let tiers = &settings.queue.retry_delays_secs;
+                let q = if roles.worker() {
+                    AmqpQueue::start_with_tiers(&settings.queue, prefetch, tiers)?
+                } else {
+                    AmqpQueue::publisher(&settings.queue, tiers)?
+                };
+                (Arc::new(q.clone()), None, Some(q))
+            }
+        };
+        let cache: Arc<dyn Cache> = match &settings.cache.url {
+            None => Arc::new(MemoryCache::new()),
+            Some(_) => Arc::new(RedisCache::start(&settings.cache)?),
+        };
+        Ok(Self {
+            queue,
+            cache,
+            memory_queue,
+            amqp,
+        })
+    }
+}
+
 /// A built, bound, not yet running Parley.
 pub struct Application {
-    listener: TcpListener,
+    roles: Roles,
+    listener: Option<TcpListener>,
     admin_listener: TcpListener,
-    ingress: IngressState,
-    worker: Worker,
-    queue: Arc<dyn JobQueue>,
-    memory_queue: Option<MemoryQueue>,
-    cache: Arc<dyn Cache>,
+    ingress: Option<IngressState>,
+    worker: Option<Worker>,
+    backends: Backends,
 }
 
 impl fmt::Debug for Application {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Application")
-            .field("listen", &self.listener.local_addr().ok())
+            .field("roles", &self.roles)
+            .field(
+                "listen",
+                &self.listener.as_ref().and_then(|l| l.local_addr().ok()),
+            )
             .field("admin", &self.admin_listener.local_addr().ok())
             .finish_non_exhaustive()
     }
 }
 
 impl Application {
-    /// Builds every part and binds both listeners.
+    /// Builds ingress and worker in one process (`parley serve`).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let (queue, memory_queue): (Arc<dyn JobQueue>, Option<MemoryQueue>) = match &settings
-            .queue
-            .url
-        {
-            None => {
-                let q = MemoryQueue::new(settings.queue.capacity);
-                (Arc::new(q.clone()), Some(q))
-            }
-            Some(_) => bail!(
-                "config: queue.url: the RabbitMQ backend is not part of this build yet; remove the key to use the embedded queue"
-            ),
+        Self::build_roles(settings, Roles::Serve).await
+    }
+
+    /// Builds the given roles and binds their listeners.
+    pub async fn build_roles(settings: Settings, roles: Roles) -> anyhow::Result<Self> {
+        let backends = Backends::build(&settings, roles)?;
+        let worker = if roles.worker() {
+            Some(build_worker(&settings, &backends)?)
+        } else {
+            None
         };
-        let cache: Arc<dyn Cache> = match &settings.cache.url {
-            None => Arc::new(MemoryCache::new()),
-            Some(_) => bail!(
-                "config: cache.url: the Redis backend is not part of this build yet; remove the key to use the embedded cache"
-            ),
+        let (ingress, listener) = if roles.ingress() {
+            let state =
+                IngressState::new(&settings, backends.queue.clone(), backends.cache.clone());
+            (
+                Some(state),
+                Some(bind(settings.server.listen, "server.listen").await?),
+            )
+        } else {
+            (None, None)
         };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .context("building the HTTP client")?;
-        let tokens = Arc::new(TokenCache::new(cache.clone()));
-        let mut messengers: HashMap<(Platform, String), Arc<dyn Messenger>> = HashMap::new();
-        for bot in &settings.bots {
-            let m: Arc<dyn Messenger> = match bot {
-                BotSettings::DingTalk(b) => Arc::new(DingTalkMessenger::new(
-                    http.clone(),
-                    b.clone(),
-                    tokens.clone(),
-                )),
-                BotSettings::Wecom(b) => {
-                    Arc::new(WecomMessenger::new(http.clone(), b.clone(), tokens.clone()))
-                }
-            };
-            messengers.insert((bot.platform(), bot.id().to_string()), m);
-        }
-        let llm: Arc<dyn LlmClient> =
-            Arc::new(OpenAiClient::new(&settings.llm).context("building the model client")?);
-        let worker = Worker::new(
-            WorkerSettings::from_settings(&settings),
-            queue.clone(),
-            cache.clone(),
-            llm,
-            messengers,
-        );
-        let ingress = IngressState::new(&settings, queue.clone(), cache.clone());
-        let listener = bind(settings.server.listen, "server.listen").await?;
         let admin_listener = bind(settings.server.admin_listen, "server.admin_listen").await?;
         Ok(Self {
+            roles,
             listener,
             admin_listener,
             ingress,
             worker,
-            queue,
-            memory_queue,
-            cache,
+            backends,
         })
     }
 
-    /// The public listener's address.
+    /// The public listener's address (`None` for a worker-only process).
     pub fn address(&self) -> SocketAddr {
         self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .expect("this role has a public listener")
     }
 
     /// The admin listener's address.
@@ -126,10 +170,10 @@ impl Application {
             .expect("bound listener has an address")
     }
 
-    /// Runs ingress, worker and admin until `shutdown` fires, then stops in order.
+    /// Runs the roles until `shutdown` fires, then stops them in order.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let stopping = shutdown.clone();
-        let (queue, cache) = (self.queue.clone(), self.cache.clone());
+        let (queue, cache) = (self.backends.queue.clone(), self.backends.cache.clone());
         let readiness = Readiness::default()
             .with("shutting_down", Arc::new(move || !stopping.is_cancelled()))
             .with("queue", Arc::new(move || queue.is_ready()))
@@ -141,16 +185,24 @@ impl Application {
                 .into_future(),
         );
         let worker_stop = CancellationToken::new();
-        let worker = tokio::spawn(
-            self.worker
-                .run_until_stopped(worker_stop.clone(), SHUTDOWN_GRACE),
-        );
-        tracing::info!(listen = %self.listener.local_addr()?, "parley is serving");
-        let served = axum::serve(self.listener, ingress::router(self.ingress))
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        tracing::info!("ingress stopped; letting the worker finish accepted jobs");
-        if let Some(q) = &self.memory_queue {
+        let worker = self
+            .worker
+            .map(|w| tokio::spawn(w.run_until_stopped(worker_stop.clone(), SHUTDOWN_GRACE)));
+        tracing::info!(roles = ?self.roles, "parley is running");
+        let served = match (self.listener, self.ingress) {
+            (Some(listener), Some(state)) => {
+                let r = axum::serve(listener, ingress::router(state))
+                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                    .await;
+                tracing::info!("ingress stopped taking callbacks");
+                r.context("ingress server failed")
+            }
+            _ => {
+                shutdown.cancelled().await;
+                Ok(())
+            }
+        };
+        if let (Some(q), Some(_)) = (&self.backends.memory_queue, &worker) {
             // Embedded queue: what it holds exists nowhere else, so work it off first.
             let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
             while q.depth() > 0 && tokio::time::Instant::now() < deadline {
@@ -164,11 +216,48 @@ impl Application {
             }
         }
         worker_stop.cancel();
-        let _ = worker.await;
+        if let Some(w) = worker {
+            let _ = w.await;
+        }
+        if let Some(amqp) = &self.backends.amqp {
+            amqp.close().await;
+        }
         admin_stop.cancel();
         let _ = admin.await;
-        served.context("ingress server failed")
+        served
     }
+}
+
+fn build_worker(settings: &Settings, backends: &Backends) -> anyhow::Result<Worker> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")?;
+    let tokens = Arc::new(TokenCache::new(backends.cache.clone()));
+    let mut messengers: HashMap<(Platform, String), Arc<dyn Messenger>> = HashMap::new();
+    for bot in &settings.bots {
+        let m: Arc<dyn Messenger> = match bot {
+            BotSettings::DingTalk(b) => Arc::new(DingTalkMessenger::new(
+                http.clone(),
+                b.clone(),
+                tokens.clone(),
+            )),
+            BotSettings::Wecom(b) => {
+                Arc::new(WecomMessenger::new(http.clone(), b.clone(), tokens.clone()))
+            }
+        };
+        messengers.insert((bot.platform(), bot.id().to_string()), m);
+    }
+    let llm: Arc<dyn LlmClient> =
+        Arc::new(OpenAiClient::new(&settings.llm).context("building the model client")?);
+    Ok(Worker::new(
+        WorkerSettings::from_settings(settings),
+        backends.queue.clone(),
+        backends.cache.clone(),
+        llm,
+        messengers,
+    ))
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {

@@ -1,8 +1,9 @@
-//! Command-line dispatch. `parley serve` runs the gateway from a config file; `parley demo`
-//! runs it on embedded defaults against the built-in fakes; `parley sim` runs the fakes
-//! and the load generator; `parley check-config` validates a file and exits.
+//! Command-line dispatch. `parley serve` runs the gateway from a config file (`ingress` and
+//! `worker` run its two roles apart); `parley demo` runs it on embedded defaults against
+//! the built-in fakes; `parley sim` runs the fakes and the load generator; `parley dlq`
+//! inspects and replays dead letters; `parley check-config` validates a file and exits.
 
-use crate::app::{Application, shutdown_on_signals};
+use crate::app::{Application, Roles, shutdown_on_signals};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shared::config::Settings;
@@ -24,11 +25,47 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Listener overrides, so several processes can share one host.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ListenArgs {
+    /// Public listener, overriding `[server].listen`.
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Admin listener, overriding `[server].admin_listen`.
+    #[arg(long)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+}
+
+/// What `parley dlq` does.
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List dead letters: id, attempts, reason, time.
+    List,
+    /// Put dead letters back on the job queue.
+    Replay {
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+        /// The job id to replay.
+        id: Option<String>,
+    },
+}
+
 /// The roles and tools of the binary.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Ingress and worker in one process.
-    Serve,
+    Serve(ListenArgs),
+    /// The HTTP ingress alone (needs RabbitMQ and Redis).
+    Ingress(ListenArgs),
+    /// The worker alone (needs RabbitMQ and Redis).
+    Worker(ListenArgs),
+    /// Inspect and replay dead letters (needs RabbitMQ).
+    Dlq {
+        /// Which.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// A guided tour: the real serve path against the built-in fakes, then exit.
     Demo,
     /// Protocol fakes and the load generator.
@@ -75,11 +112,10 @@ fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve => {
-            let settings = load(cli.config.as_deref())?;
-            let app = Application::build(settings).await?;
-            app.run_until_stopped(shutdown_on_signals()).await
-        }
+        Command::Serve(l) => run_role(cli.config.as_deref(), l, Roles::Serve).await,
+        Command::Ingress(l) => run_role(cli.config.as_deref(), l, Roles::Ingress).await,
+        Command::Worker(l) => run_role(cli.config.as_deref(), l, Roles::Worker).await,
+        Command::Dlq { command } => dlq(load(cli.config.as_deref())?, command).await,
         Command::CheckConfig => {
             let s = load(cli.config.as_deref())?;
             println!("configuration is valid: {} bot(s)", s.bots.len());
@@ -88,4 +124,53 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => crate::demo::run().await,
         Command::Sim { command } => crate::sim::run(command).await,
     }
+}
+
+async fn run_role(config: Option<&Path>, listen: ListenArgs, roles: Roles) -> anyhow::Result<()> {
+    let mut settings = load(config)?;
+    if let Some(a) = listen.listen {
+        settings.server.listen = a;
+    }
+    if let Some(a) = listen.admin_listen {
+        settings.server.admin_listen = a;
+    }
+    let app = Application::build_roles(settings, roles).await?;
+    app.run_until_stopped(shutdown_on_signals()).await
+}
+
+async fn dlq(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        settings.queue.url.is_some(),
+        "config: queue.url: dead letters are kept by RabbitMQ; the embedded queue's live in the serving process"
+    );
+    let queue = shared::queue::amqp::AmqpQueue::publisher(
+        &settings.queue,
+        &settings.queue.retry_delays_secs,
+    )?;
+    anyhow::ensure!(
+        queue.wait_ready(std::time::Duration::from_secs(10)).await,
+        "RabbitMQ not reachable within 10 s"
+    );
+    use shared::queue::JobQueue;
+    let result = match command {
+        DlqCommand::List => {
+            let dead = queue.dead_letters().await?;
+            for d in &dead {
+                println!(
+                    "{}\t{} attempt(s)\t{}\t{}",
+                    d.job.id, d.attempts, d.at_ms, d.reason
+                );
+            }
+            println!("{} dead letter(s)", dead.len());
+            Ok(())
+        }
+        DlqCommand::Replay { all, id } => {
+            anyhow::ensure!(all || id.is_some(), "say --all or give a job id");
+            let n = queue.replay_dead_letters(id.as_deref()).await?;
+            println!("replayed {n} dead letter(s)");
+            Ok(())
+        }
+    };
+    queue.close().await;
+    result
 }

@@ -93,6 +93,10 @@ pub struct QueueSettings {
     /// How long the ingress waits for the broker's publish confirm before answering 503,
     /// in milliseconds. Default 2000.
     pub confirm_timeout_ms: u64,
+    /// Delays before the 1st, 2nd, … retry of a job, in seconds, ascending; the last one
+    /// repeats. The broker backend declares one delay queue per value, so every process
+    /// sharing a prefix must use the same list. Default `[5, 30, 120, 600]`.
+    pub retry_delays_secs: Vec<u64>,
 }
 
 impl Default for QueueSettings {
@@ -103,6 +107,7 @@ impl Default for QueueSettings {
             max_attempts: 5,
             prefix: "parley".into(),
             confirm_timeout_ms: 2000,
+            retry_delays_secs: crate::queue::RETRY_TIERS_SECS.to_vec(),
         }
     }
 }
@@ -364,6 +369,13 @@ impl Settings {
         }
         if self.queue.max_attempts == 0 {
             return Err(ConfigError::new("queue.max_attempts", "must be at least 1"));
+        }
+        let tiers = &self.queue.retry_delays_secs;
+        if tiers.is_empty() || tiers[0] == 0 || !tiers.windows(2).all(|w| w[0] < w[1]) {
+            return Err(ConfigError::new(
+                "queue.retry_delays_secs",
+                "must be a non-empty ascending list of positive seconds",
+            ));
         }
         if self.queue.capacity == 0 {
             return Err(ConfigError::new("queue.capacity", "must be at least 1"));

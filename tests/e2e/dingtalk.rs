@@ -4,9 +4,8 @@ use crate::helpers::*;
 use parley::sim::{ConversationType, Via};
 use std::time::Duration;
 
-#[tokio::test]
-async fn group_mention_is_answered_through_the_session_webhook_with_an_at() {
-    let app = TestApp::spawn().await;
+async fn group_mention_is_answered_through_the_session_webhook_with_an_at(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let resp = app.send(&app.group("m1", "今天天气怎么样？")).await;
     assert_eq!(resp.status(), 200);
     let replies = app.replies(1).await;
@@ -29,9 +28,8 @@ async fn group_mention_is_answered_through_the_session_webhook_with_an_at() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn one_to_one_message_is_answered() {
-    let app = TestApp::spawn().await;
+async fn one_to_one_message_is_answered(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     assert_eq!(app.send(&app.one_to_one("s1", "hello")).await.status(), 200);
     let r = &app.replies(1).await[0];
     assert_eq!(r.conversation_id.as_deref(), Some("cid-single-1=="));
@@ -39,9 +37,8 @@ async fn one_to_one_message_is_answered() {
     assert_eq!(r.content, "Echo: hello (turn 1)");
 }
 
-#[tokio::test]
-async fn one_to_one_with_expired_session_goes_through_openapi_batch_send() {
-    let app = TestApp::spawn().await;
+async fn one_to_one_with_expired_session_goes_through_openapi_batch_send(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let mut body = app.body(&app.one_to_one("s2", "ping"));
     expire_session(&mut body);
     assert_eq!(app.send_body(&body).await.status(), 200);
@@ -51,9 +48,8 @@ async fn one_to_one_with_expired_session_goes_through_openapi_batch_send() {
     assert_eq!(r.content, "Echo: ping (turn 1)");
 }
 
-#[tokio::test]
-async fn callback_with_forged_signature_is_rejected_without_a_job() {
-    let app = TestApp::spawn().await;
+async fn callback_with_forged_signature_is_rejected_without_a_job(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let body = serde_json::to_vec(&app.body(&app.group("f1", "hi"))).unwrap();
     let ts = shared::now_ms().to_string();
     let forged = shared::dingtalk::sign::sign("not-the-secret", &ts);
@@ -72,9 +68,8 @@ async fn callback_with_forged_signature_is_rejected_without_a_job() {
     assert!(app.metrics().await.contains(r#"outcome="bad_signature""#));
 }
 
-#[tokio::test]
-async fn callback_with_stale_timestamp_is_rejected() {
-    let app = TestApp::spawn().await;
+async fn callback_with_stale_timestamp_is_rejected(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let body = serde_json::to_vec(&app.body(&app.group("t1", "hi"))).unwrap();
     let ts = (shared::now_ms() - 3_700_000).to_string();
     let sign = shared::dingtalk::sign::sign(APP_SECRET, &ts);
@@ -83,9 +78,8 @@ async fn callback_with_stale_timestamp_is_rejected() {
     assert_eq!(app.llm.request_count(), 0);
 }
 
-#[tokio::test]
-async fn unknown_bot_is_404() {
-    let app = TestApp::spawn().await;
+async fn unknown_bot_is_404(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let resp = app
         .client
         .post(format!("http://{}/dingtalk/nobody", app.addr))
@@ -96,9 +90,8 @@ async fn unknown_bot_is_404() {
     assert_eq!(resp.status(), 404);
 }
 
-#[tokio::test]
-async fn duplicate_msg_id_is_answered_once() {
-    let app = TestApp::spawn().await;
+async fn duplicate_msg_id_is_answered_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let body = app.body(&app.group("dup-1", "once please"));
     for _ in 0..3 {
         assert_eq!(app.send_body(&body).await.status(), 200);
@@ -109,9 +102,8 @@ async fn duplicate_msg_id_is_answered_once() {
     assert!(app.metrics().await.contains("duplicate"));
 }
 
-#[tokio::test]
-async fn follow_up_carries_the_history_in_order() {
-    let app = TestApp::spawn().await;
+async fn follow_up_carries_the_history_in_order(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.send(&app.group("h1", "My name is Mei.")).await;
     app.send(&app.group("h2", "What is my name?")).await;
     app.send(&app.group("h3", "And again?")).await;
@@ -134,9 +126,8 @@ async fn follow_up_carries_the_history_in_order() {
     assert_eq!(third[2].1, "Echo: My name is Mei. (turn 1)");
 }
 
-#[tokio::test]
-async fn reset_clears_the_history() {
-    let app = TestApp::spawn().await;
+async fn reset_clears_the_history(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.send(&app.group("r1", "remember 7")).await;
     app.replies(1).await;
     app.send(&app.group("r2", "/reset")).await;
@@ -156,9 +147,8 @@ async fn reset_clears_the_history() {
     );
 }
 
-#[tokio::test]
-async fn help_and_unsupported_messages_get_a_polite_reply_without_the_model() {
-    let app = TestApp::spawn().await;
+async fn help_and_unsupported_messages_get_a_polite_reply_without_the_model(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.send(&app.one_to_one("u1", "/help")).await;
     let mut pic = app.one_to_one("u2", "");
     pic.msgtype = "picture".into();
@@ -169,18 +159,16 @@ async fn help_and_unsupported_messages_get_a_polite_reply_without_the_model() {
     assert_eq!(app.llm.request_count(), 0);
 }
 
-#[tokio::test]
-async fn audio_with_recognised_text_is_answered_as_text() {
-    let app = TestApp::spawn().await;
+async fn audio_with_recognised_text_is_answered_as_text(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let mut voice = app.one_to_one("a1", "明天开会吗");
     voice.msgtype = "audio".into();
     app.send(&voice).await;
     assert_eq!(app.replies(1).await[0].content, "Echo: 明天开会吗 (turn 1)");
 }
 
-#[tokio::test]
-async fn token_is_fetched_once_for_twenty_openapi_messages() {
-    let app = TestApp::spawn().await;
+async fn token_is_fetched_once_for_twenty_openapi_messages(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     for i in 0..20 {
         let mut body = app.body(&app.spec(
             &format!("tok-{i}"),
@@ -196,9 +184,8 @@ async fn token_is_fetched_once_for_twenty_openapi_messages() {
     assert_eq!(app.dingtalk.token_fetches(), 1);
 }
 
-#[tokio::test]
-async fn revoked_token_is_refreshed_and_the_message_resent() {
-    let app = TestApp::spawn().await;
+async fn revoked_token_is_refreshed_and_the_message_resent(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let mut body = app.body(&app.group("rv1", "first"));
     expire_session(&mut body);
     app.send_body(&body).await;
@@ -213,9 +200,8 @@ async fn revoked_token_is_refreshed_and_the_message_resent() {
     app.assert_settled_at(2).await;
 }
 
-#[tokio::test]
-async fn model_429_is_retried_and_then_answered() {
-    let app = TestApp::spawn().await;
+async fn model_429_is_retried_and_then_answered(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.llm.push_failure(429, Some(1));
     app.send(&app.group("rl1", "busy?")).await;
     let r = &app.replies(1).await[0];
@@ -223,9 +209,8 @@ async fn model_429_is_retried_and_then_answered() {
     assert_eq!(app.llm.request_count(), 2);
 }
 
-#[tokio::test]
-async fn model_failure_gives_a_friendly_error_not_silence() {
-    let app = TestApp::spawn_with("timeout_secs = 5").await;
+async fn model_failure_gives_a_friendly_error_not_silence(backend: Backend) {
+    let app = TestApp::spawn_with(backend, "timeout_secs = 5").await;
     for _ in 0..3 {
         app.llm.push_failure(500, None);
     }
@@ -238,9 +223,8 @@ async fn model_failure_gives_a_friendly_error_not_silence() {
     assert_eq!(app.replies(2).await[1].content, "Echo: again (turn 1)");
 }
 
-#[tokio::test]
-async fn long_answer_is_split_and_complete() {
-    let app = TestApp::spawn().await;
+async fn long_answer_is_split_and_complete(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let paragraphs: Vec<String> = (0..40)
         .map(|i| format!("段落 {i}: {}", "这是一个很长的回答。".repeat(25)))
         .collect();
@@ -266,9 +250,10 @@ async fn long_answer_is_split_and_complete() {
     );
 }
 
-#[tokio::test]
-async fn markdown_answer_goes_out_as_markdown_and_reasoning_never_reaches_the_chat() {
-    let app = TestApp::spawn().await;
+async fn markdown_answer_goes_out_as_markdown_and_reasoning_never_reaches_the_chat(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
     app.llm
         .push_answer("<think>private chain of thought</think>## Plan\n1. Build\n2. Ship");
     app.send(&app.group("md1", "plan?")).await;
@@ -285,9 +270,8 @@ async fn markdown_answer_goes_out_as_markdown_and_reasoning_never_reaches_the_ch
     );
 }
 
-#[tokio::test]
-async fn malformed_json_and_oversized_body_are_4xx_and_the_server_keeps_serving() {
-    let app = TestApp::spawn().await;
+async fn malformed_json_and_oversized_body_are_4xx_and_the_server_keeps_serving(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let ts = shared::now_ms().to_string();
     let sign = shared::dingtalk::sign::sign(APP_SECRET, &ts);
     let resp = app
@@ -317,9 +301,8 @@ async fn malformed_json_and_oversized_body_are_4xx_and_the_server_keeps_serving(
     assert_eq!(health.status(), 200);
 }
 
-#[tokio::test]
-async fn admin_endpoints_report_readiness_and_metrics() {
-    let app = TestApp::spawn().await;
+async fn admin_endpoints_report_readiness_and_metrics(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let ready = app
         .client
         .get(format!("http://{}/readyz", app.admin))
@@ -329,14 +312,21 @@ async fn admin_endpoints_report_readiness_and_metrics() {
     assert_eq!(ready.status(), 200);
     app.send(&app.group("met1", "count me")).await;
     app.replies(1).await;
-    let m = app.metrics().await;
-    for name in [
+    let names = [
         "parley_http_requests_total",
         "parley_ack_duration_seconds_bucket",
         "parley_jobs_total",
         "parley_llm_requests_total",
         "parley_platform_requests_total",
-    ] {
+    ];
+    // The job is counted just after its reply is delivered: allow for that moment.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut m = app.metrics().await;
+    while names.iter().any(|n| !m.contains(n)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = app.metrics().await;
+    }
+    for name in names {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
     assert!(!m.contains(APP_SECRET) && !m.contains(API_KEY));
@@ -344,7 +334,7 @@ async fn admin_endpoints_report_readiness_and_metrics() {
 
 #[tokio::test]
 async fn shutdown_finishes_accepted_jobs_first() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn(Backend::Embedded).await;
     app.llm.set_latency(Duration::from_millis(300));
     for i in 0..5 {
         let spec = app.spec(
@@ -359,3 +349,25 @@ async fn shutdown_finishes_accepted_jobs_first() {
     app.stop().await;
     assert_eq!(dingtalk.sent().len(), 5);
 }
+
+on_both_backends!(
+    group_mention_is_answered_through_the_session_webhook_with_an_at,
+    one_to_one_message_is_answered,
+    one_to_one_with_expired_session_goes_through_openapi_batch_send,
+    callback_with_forged_signature_is_rejected_without_a_job,
+    callback_with_stale_timestamp_is_rejected,
+    unknown_bot_is_404,
+    duplicate_msg_id_is_answered_once,
+    follow_up_carries_the_history_in_order,
+    reset_clears_the_history,
+    help_and_unsupported_messages_get_a_polite_reply_without_the_model,
+    audio_with_recognised_text_is_answered_as_text,
+    token_is_fetched_once_for_twenty_openapi_messages,
+    revoked_token_is_refreshed_and_the_message_resent,
+    model_429_is_retried_and_then_answered,
+    model_failure_gives_a_friendly_error_not_silence,
+    long_answer_is_split_and_complete,
+    markdown_answer_goes_out_as_markdown_and_reasoning_never_reaches_the_chat,
+    malformed_json_and_oversized_body_are_4xx_and_the_server_keeps_serving,
+    admin_endpoints_report_readiness_and_metrics,
+);

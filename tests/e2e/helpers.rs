@@ -1,7 +1,7 @@
 //! The test harness: `TestApp::spawn()` starts the fakes and a Parley on port 0 whose
 //! configuration points at them. Tests change configuration, never code paths.
 
-use parley::app::Application;
+use parley::app::{Application, Roles};
 use parley::sim::{
     CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeWecom,
     FakeWecomApp, SentMessage,
@@ -25,6 +25,104 @@ pub(crate) const WECOM_SECRET: &str = "wecom-app-secret";
 /// How long a test waits for something that should happen.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
+/// Which queue and cache a test app runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    /// In-process queue and cache.
+    Embedded,
+    /// RabbitMQ and Redis on 127.0.0.1.
+    Brokers,
+}
+
+pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+/// A prefix unique to this test process, so parallel runs and leftovers never collide.
+fn run_id() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| format!("{:08x}", rand::random::<u32>()))
+}
+
+/// The `[queue]`/`[cache]` tables for `backend`, with fresh prefixes and `queue_extra`
+/// keys added to `[queue]`.
+pub(crate) fn backend_toml(backend: Backend, queue_extra: &str, redis_url: &str) -> String {
+    match backend {
+        Backend::Embedded => format!("[queue]\n{queue_extra}\n"),
+        Backend::Brokers => {
+            let prefix = format!("e2e-{}-{:08x}", run_id(), rand::random::<u32>());
+            format!(
+                "[queue]\nurl = \"{AMQP_URL}\"\nprefix = \"{prefix}\"\n{queue_extra}\n\n[cache]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n"
+            )
+        }
+    }
+}
+
+/// How to spawn a test app; `Default` is the embedded serve path.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) backend: Backend,
+    /// Extra TOML lines for `[llm]`.
+    pub(crate) llm: String,
+    /// Extra TOML lines for `[queue]`.
+    pub(crate) queue: String,
+    /// Roles of the spawned process.
+    pub(crate) roles: Roles,
+    /// Redis URL (another server for restart tests).
+    pub(crate) redis_url: String,
+    /// AMQP URL override (another vhost for connection-drop tests).
+    pub(crate) amqp_url: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Embedded,
+            llm: String::new(),
+            queue: String::new(),
+            roles: Roles::Serve,
+            redis_url: REDIS_URL.into(),
+            amqp_url: None,
+        }
+    }
+}
+
+/// Deletes queues left by earlier runs of these tests, once per process, and fails loudly
+/// when RabbitMQ or Redis cannot be reached: these tests never skip.
+pub(crate) async fn brokers_ready() {
+    static READY: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    READY
+        .get_or_init(|| async {
+            let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ must be running on 127.0.0.1:5672 (see .ci/run)");
+            let client = redis::Client::open(REDIS_URL).unwrap();
+            let mut con = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("Redis must be running on 127.0.0.1:6379 (see .ci/run)");
+            let _: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
+            let listed = std::process::Command::new("rabbitmqctl")
+                .args(["list_queues", "-q", "--no-table-headers", "name"])
+                .output();
+            if let Ok(out) = listed {
+                let channel = conn.create_channel().await.unwrap();
+                let mine = format!("e2e-{}-", run_id());
+                for name in String::from_utf8_lossy(&out.stdout).lines().map(str::trim) {
+                    if name.starts_with("e2e-") && !name.starts_with(&mine) {
+                        let _ = channel
+                            .queue_delete(
+                                name.into(),
+                                lapin::options::QueueDeleteOptions::default(),
+                            )
+                            .await;
+                    }
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+        })
+        .await;
+}
+
 pub(crate) struct TestApp {
     pub(crate) addr: SocketAddr,
     pub(crate) admin: SocketAddr,
@@ -34,6 +132,20 @@ pub(crate) struct TestApp {
     pub(crate) client: reqwest::Client,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    toml: String,
+}
+
+/// Another in-process role of the deployment; stopped on drop.
+pub(crate) struct Running {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
 }
 
 fn local() -> SocketAddr {
@@ -41,12 +153,30 @@ fn local() -> SocketAddr {
 }
 
 impl TestApp {
-    pub(crate) async fn spawn() -> Self {
-        Self::spawn_with("").await
+    pub(crate) async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, "").await
     }
 
-    /// Spawns with `extra` TOML appended to the `[llm]` table.
-    pub(crate) async fn spawn_with(extra_llm: &str) -> Self {
+    /// Spawns on `backend` with `extra_llm` TOML appended to the `[llm]` table.
+    pub(crate) async fn spawn_with(backend: Backend, extra_llm: &str) -> Self {
+        Self::spawn_opts(Options {
+            backend,
+            llm: extra_llm.into(),
+            ..Options::default()
+        })
+        .await
+    }
+
+    /// Spawns with full options.
+    pub(crate) async fn spawn_opts(opts: Options) -> Self {
+        if std::env::var_os("PARLEY_TEST_LOG").is_some() {
+            parley::telemetry::init(false, "warn");
+        }
+        let backend = opts.backend;
+        let extra_llm = opts.llm.as_str();
+        if backend == Backend::Brokers {
+            brokers_ready().await;
+        }
         let dingtalk = FakeDingTalk::start(
             local(),
             vec![FakeApp {
@@ -79,6 +209,7 @@ impl TestApp {
         .unwrap();
         let toml = format!(
             r#"
+{backends}
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
@@ -110,25 +241,73 @@ api_base = "{wx}"
 markdown = true
 welcome_text = "欢迎使用 AI 助手"
 "#,
+            backends = {
+                let b = backend_toml(backend, &opts.queue, &opts.redis_url);
+                match &opts.amqp_url {
+                    Some(url) => b.replace(AMQP_URL, url),
+                    None => b,
+                }
+            },
             llm = llm.base_url(),
             dt = dingtalk.base_url(),
             wx = wecom.base_url(),
         );
         let settings = Settings::from_toml(&toml, |_| None).unwrap();
-        let app = Application::build(settings).await.unwrap();
+        let app = Application::build_roles(settings, opts.roles)
+            .await
+            .unwrap();
         let (addr, admin) = (app.address(), app.admin_address());
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        let client = reqwest::Client::new();
+        let ready = format!("http://{admin}/readyz");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let ok = client
+                .get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "app never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Self {
             addr,
             admin,
             dingtalk,
             wecom,
             llm,
-            client: reqwest::Client::new(),
+            client,
             shutdown,
             handle: Some(handle),
+            toml,
         }
+    }
+
+    /// This app's configuration, for more processes of the same deployment.
+    pub(crate) fn settings(&self) -> Settings {
+        Settings::from_toml(&self.toml, |_| None).unwrap()
+    }
+
+    /// The configuration as TOML, for child processes.
+    pub(crate) fn toml(&self) -> &str {
+        &self.toml
+    }
+
+    /// Starts one more in-process worker of the same deployment.
+    pub(crate) async fn extra_worker(&self) -> Running {
+        let app = Application::build_roles(self.settings(), Roles::Worker)
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+        Running { stop, handle }
     }
 
     pub(crate) fn callback_url(&self) -> String {

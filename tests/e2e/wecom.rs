@@ -8,9 +8,8 @@ fn text(msg_id: &str, content: &str) -> String {
     text_message(CORP_ID, AGENT_ID, "zhangsan", msg_id, content)
 }
 
-#[tokio::test]
-async fn wecom_url_verification_echoes_the_plaintext() {
-    let app = TestApp::spawn().await;
+async fn wecom_url_verification_echoes_the_plaintext(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     // '+' and '/' in the echostr must survive the query decoding.
     for echo in ["1616140317555161061", "plain+echo/with=chars"] {
         let query = app.wecom.verify_url_query(CORP_ID, echo);
@@ -36,9 +35,8 @@ async fn wecom_url_verification_echoes_the_plaintext() {
     assert_eq!(resp.status(), 401);
 }
 
-#[tokio::test]
-async fn wecom_text_message_is_answered_through_message_send() {
-    let app = TestApp::spawn().await;
+async fn wecom_text_message_is_answered_through_message_send(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let resp = app.send_wecom(&text("7001", "报销流程是什么？")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "", "WeCom wants an empty 200");
@@ -52,9 +50,8 @@ async fn wecom_text_message_is_answered_through_message_send() {
     assert_eq!(sent[0].msgtype, "text");
 }
 
-#[tokio::test]
-async fn wecom_retries_of_one_msg_id_are_answered_once() {
-    let app = TestApp::spawn().await;
+async fn wecom_retries_of_one_msg_id_are_answered_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let xml = text("7002", "只回答一次");
     for _ in 0..3 {
         assert_eq!(app.send_wecom(&xml).await.status(), 200);
@@ -65,9 +62,8 @@ async fn wecom_retries_of_one_msg_id_are_answered_once() {
     assert_eq!(app.llm.request_count(), 1);
 }
 
-#[tokio::test]
-async fn wecom_long_answer_is_split_at_2048_bytes_without_loss() {
-    let app = TestApp::spawn().await;
+async fn wecom_long_answer_is_split_at_2048_bytes_without_loss(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let long: String = (0..12)
         .map(|i| format!("第{i}段：{}", "企业微信的消息有长度限制。".repeat(20)))
         .collect::<Vec<_>>()
@@ -87,9 +83,8 @@ async fn wecom_long_answer_is_split_at_2048_bytes_without_loss() {
     assert_eq!(squeeze(&joined), squeeze(&long));
 }
 
-#[tokio::test]
-async fn wecom_token_is_cached_and_refreshed_once_when_revoked() {
-    let app = TestApp::spawn().await;
+async fn wecom_token_is_cached_and_refreshed_once_when_revoked(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     for i in 0..5 {
         app.send_wecom(&text(&format!("71{i}"), "hi")).await;
     }
@@ -102,18 +97,16 @@ async fn wecom_token_is_cached_and_refreshed_once_when_revoked() {
     assert_eq!(app.wecom.token_fetches(), 2);
 }
 
-#[tokio::test]
-async fn wecom_markdown_answer_goes_out_as_markdown_when_enabled() {
-    let app = TestApp::spawn().await;
+async fn wecom_markdown_answer_goes_out_as_markdown_when_enabled(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     app.llm.push_answer("## 步骤\n- 提交申请\n- 等待审批");
     app.send_wecom(&text("7300", "怎么请假")).await;
     let sent = app.wecom.wait_for(1, WAIT).await;
     assert_eq!(sent[0].msgtype, "markdown");
 }
 
-#[tokio::test]
-async fn wecom_enter_agent_gets_the_welcome_text_and_other_events_are_ignored() {
-    let app = TestApp::spawn().await;
+async fn wecom_enter_agent_gets_the_welcome_text_and_other_events_are_ignored(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let resp = app
         .send_wecom(&event_message(CORP_ID, AGENT_ID, "lisi", "enter_agent"))
         .await;
@@ -129,9 +122,8 @@ async fn wecom_enter_agent_gets_the_welcome_text_and_other_events_are_ignored() 
     assert_eq!(app.llm.request_count(), 0);
 }
 
-#[tokio::test]
-async fn wecom_forged_and_corrupted_callbacks_are_rejected_without_a_job() {
-    let app = TestApp::spawn().await;
+async fn wecom_forged_and_corrupted_callbacks_are_rejected_without_a_job(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let (query, body) = app.wecom.callback(CORP_ID, &text("7400", "hi"));
     // Forged signature.
     let forged = query.replacen("msg_signature=", "msg_signature=f", 1);
@@ -174,3 +166,14 @@ async fn wecom_forged_and_corrupted_callbacks_are_rejected_without_a_job() {
     assert_eq!(app.post_wecom(&query, body).await.status(), 200);
     assert_eq!(app.wecom.wait_for(1, WAIT).await.len(), 1);
 }
+
+on_both_backends!(
+    wecom_url_verification_echoes_the_plaintext,
+    wecom_text_message_is_answered_through_message_send,
+    wecom_retries_of_one_msg_id_are_answered_once,
+    wecom_long_answer_is_split_at_2048_bytes_without_loss,
+    wecom_token_is_cached_and_refreshed_once_when_revoked,
+    wecom_markdown_answer_goes_out_as_markdown_when_enabled,
+    wecom_enter_agent_gets_the_welcome_text_and_other_events_are_ignored,
+    wecom_forged_and_corrupted_callbacks_are_rejected_without_a_job,
+);

@@ -53,20 +53,22 @@ pub enum Outcome {
 }
 
 /// Delay before the n-th retry: growing tiers, so a platform outage is not hammered.
-pub fn retry_delay(attempt: u32) -> Duration {
-    let tiers = shared::queue::RETRY_TIERS_SECS;
-    Duration::from_secs(tiers[(attempt.saturating_sub(1) as usize).min(tiers.len() - 1)])
+pub fn retry_delay(tiers: &[u64], attempt: u32) -> Duration {
+    let i = (attempt.saturating_sub(1) as usize).min(tiers.len().saturating_sub(1));
+    Duration::from_secs(tiers.get(i).copied().unwrap_or(5))
 }
 
 /// The one place that turns an outcome into what happens to the delivery.
-pub fn settlement(outcome: &Outcome, attempt: u32, max_attempts: u32) -> Settlement {
+pub fn settlement(outcome: &Outcome, attempt: u32, settings: &WorkerSettings) -> Settlement {
     match outcome {
         Outcome::Answered | Outcome::Duplicate => Settlement::Ack,
-        Outcome::Retry { reason, .. } if attempt >= max_attempts => Settlement::DeadLetter {
-            reason: format!("gave up after {attempt} attempts: {reason}"),
-        },
+        Outcome::Retry { reason, .. } if attempt >= settings.max_attempts => {
+            Settlement::DeadLetter {
+                reason: format!("gave up after {attempt} attempts: {reason}"),
+            }
+        }
         Outcome::Retry { after, .. } => Settlement::Retry {
-            delay: retry_delay(attempt).max(after.unwrap_or_default()),
+            delay: retry_delay(&settings.retry_delays_secs, attempt).max(after.unwrap_or_default()),
         },
         Outcome::GiveUp { reason } => Settlement::DeadLetter {
             reason: reason.clone(),
@@ -87,6 +89,8 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     /// Model calls per minute.
     pub requests_per_minute: u32,
+    /// Retry delay tiers, seconds.
+    pub retry_delays_secs: Vec<u64>,
 }
 
 impl WorkerSettings {
@@ -98,6 +102,7 @@ impl WorkerSettings {
             max_concurrency: s.llm.max_concurrency,
             max_attempts: s.queue.max_attempts,
             requests_per_minute: s.llm.requests_per_minute,
+            retry_delays_secs: s.queue.retry_delays_secs.clone(),
         }
     }
 }
@@ -193,14 +198,17 @@ impl Worker {
                 m.jobs_in_flight.inc();
                 let outcome = worker.process_job(&delivery.job).await;
                 m.jobs_in_flight.dec();
-                let s = settlement(
-                    &outcome,
-                    delivery.attempt,
-                    worker.inner.settings.max_attempts,
-                );
+                let s = settlement(&outcome, delivery.attempt, &worker.inner.settings);
                 worker.log_settlement(&delivery.job, delivery.attempt, &outcome, &s);
-                if let Err(e) = delivery.settle(s).await {
-                    tracing::error!(error = %e, "could not settle a delivery; it will come again");
+                let gave_up = matches!(s, Settlement::DeadLetter { .. });
+                let job = delivery.job.clone();
+                match delivery.settle(s).await {
+                    // Told only once the dead letter is safely parked.
+                    Ok(()) if gave_up => worker.tell_gave_up(&job).await,
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not settle a delivery; it will come again")
+                    }
                 }
                 drop(turn);
             });
@@ -217,6 +225,23 @@ impl Worker {
                 "grace period over; returning unfinished jobs to the queue"
             );
             tasks.shutdown().await;
+        }
+    }
+
+    /// Best effort: a dead-lettered message still gets a word back instead of silence.
+    async fn tell_gave_up(&self, job: &Job) {
+        let Some(messenger) = self
+            .inner
+            .messengers
+            .get(&(job.platform, job.bot_id.clone()))
+        else {
+            return;
+        };
+        if let Err(e) = messenger
+            .send(job, &OutgoingMessage::text(texts::GAVE_UP))
+            .await
+        {
+            tracing::warn!(job = %job.id, error = %e, "could not tell the chatter their message was given up");
         }
     }
 
@@ -454,32 +479,44 @@ mod tests {
 
     #[test]
     fn outcomes_settle_as_documented() {
-        let retry = Outcome::Retry {
-            reason: "busy".into(),
-            after: Some(Duration::from_secs(60)),
+        let settings = WorkerSettings {
+            system_prompt: String::new(),
+            history: HistorySettings::default(),
+            max_concurrency: 1,
+            max_attempts: 3,
+            requests_per_minute: 1,
+            retry_delays_secs: vec![5, 30, 120],
         };
-        assert_eq!(settlement(&Outcome::Answered, 1, 3), Settlement::Ack);
-        assert_eq!(settlement(&Outcome::Duplicate, 1, 3), Settlement::Ack);
+        let retry = |after: u64| Outcome::Retry {
+            reason: "busy".into(),
+            after: Some(Duration::from_secs(after)),
+        };
+        let delay = |secs| Settlement::Retry {
+            delay: Duration::from_secs(secs),
+        };
         assert_eq!(
-            settlement(&retry, 1, 3),
-            Settlement::Retry {
-                delay: Duration::from_secs(60)
-            }
+            settlement(&Outcome::Answered, 1, &settings),
+            Settlement::Ack
         );
         assert_eq!(
-            settlement(&retry, 2, 3),
-            Settlement::Retry {
-                delay: Duration::from_secs(60)
-            }
+            settlement(&Outcome::Duplicate, 1, &settings),
+            Settlement::Ack
+        );
+        assert_eq!(settlement(&retry(0), 1, &settings), delay(5));
+        assert_eq!(settlement(&retry(0), 2, &settings), delay(30));
+        assert_eq!(
+            settlement(&retry(60), 1, &settings),
+            delay(60),
+            "the platform's wait wins"
         );
         assert!(matches!(
-            settlement(&retry, 3, 3),
+            settlement(&retry(0), 3, &settings),
             Settlement::DeadLetter { .. }
         ));
         assert!(matches!(
-            settlement(&Outcome::GiveUp { reason: "x".into() }, 1, 3),
+            settlement(&Outcome::GiveUp { reason: "x".into() }, 1, &settings),
             Settlement::DeadLetter { .. }
         ));
-        assert!(retry_delay(1) < retry_delay(2) && retry_delay(9) == retry_delay(4));
+        assert_eq!(retry_delay(&[5, 30], 9), Duration::from_secs(30));
     }
 }

@@ -123,6 +123,9 @@ struct Inner {
     topology: Topology,
     confirm_timeout: Duration,
     prefetch: u16,
+    /// False for a publish-only process (the ingress role): it must not take deliveries
+    /// it will never work on.
+    consume: bool,
     connection_name: String,
     scrub: Scrubber,
     /// The live connection, if any.
@@ -225,6 +228,22 @@ impl AmqpQueue {
         prefetch: u16,
         tiers: &[u64],
     ) -> Result<Self, ConfigError> {
+        Self::build(settings, prefetch, tiers, true)
+    }
+
+    /// A publish-only queue for the ingress role: declares the topology and publishes, but
+    /// never consumes (deliveries taken by a process that does not work on them would sit
+    /// unacknowledged until it exits).
+    pub fn publisher(settings: &QueueSettings, tiers: &[u64]) -> Result<Self, ConfigError> {
+        Self::build(settings, 1, tiers, false)
+    }
+
+    fn build(
+        settings: &QueueSettings,
+        prefetch: u16,
+        tiers: &[u64],
+        consume: bool,
+    ) -> Result<Self, ConfigError> {
         let invalid = |key: &str, problem: String| ConfigError {
             key: format!("queue.{key}"),
             problem,
@@ -268,6 +287,7 @@ impl AmqpQueue {
             topology: Topology::new(prefix, tiers),
             confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
             prefetch,
+            consume,
             connection_name: format!("parley {prefix}"),
             scrub,
             link: RwLock::new(None),
@@ -750,6 +770,15 @@ async fn open(
     });
     // Installed before consuming, so no delivery of this connection is ever taken for stale.
     inner.install(link.clone());
+    if !inner.consume {
+        // Publish-only: the session ends only with the connection.
+        let forward = tokio::spawn(std::future::pending::<String>());
+        return Ok(Session {
+            link,
+            events,
+            forward,
+        });
+    }
     let tag = format!("parley-{:016x}", rand::rng().random::<u64>());
     let stream = match link
         .consumer
