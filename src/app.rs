@@ -68,7 +68,8 @@ impl Backends {
                 "config: queue.url and cache.url: `parley ingress` and `parley worker` run apart and need RabbitMQ and Redis; use `parley serve` for the embedded ones"
             );
         }
-        let prefetch = u16::try_from(settings.llm.max_concurrency).unwrap_or(u16::MAX);
+        let prefetch =
+            u16::try_from(worker::intake_limit(settings.llm.max_concurrency)).unwrap_or(u16::MAX);
         let (queue, memory_queue, amqp): (Arc<dyn JobQueue>, _, _) = match &settings.queue.url {
             None => {
                 let q = MemoryQueue::new(settings.queue.capacity);
@@ -185,6 +186,7 @@ impl Application {
                 .into_future(),
         );
         let worker_stop = CancellationToken::new();
+        let worker_view = self.worker.clone();
         let worker = self
             .worker
             .map(|w| tokio::spawn(w.run_until_stopped(worker_stop.clone(), SHUTDOWN_GRACE)));
@@ -202,13 +204,13 @@ impl Application {
                 Ok(())
             }
         };
-        if let (Some(q), Some(_)) = (&self.backends.memory_queue, &worker) {
+        if let (Some(q), Some(w)) = (&self.backends.memory_queue, &worker_view) {
             // Embedded queue: what it holds exists nowhere else, so work it off first.
             let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-            while q.depth() > 0 && tokio::time::Instant::now() < deadline {
+            while (q.depth() > 0 || w.taken() > 0) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if q.depth() > 0 {
+            if q.depth() > 0 || w.taken() > 0 {
                 tracing::error!(
                     left = q.depth(),
                     "shutdown grace over with jobs still queued"

@@ -76,6 +76,29 @@ pub fn settlement(outcome: &Outcome, attempt: u32, settings: &WorkerSettings) ->
     }
 }
 
+/// Counts a taken job until its task ends, however it ends; holds its intake permit.
+struct TakenGuard {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    worker: Worker,
+}
+
+impl Drop for TakenGuard {
+    fn drop(&mut self) {
+        self.worker
+            .inner
+            .taken
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How many jobs a worker takes from the queue at most (waiting plus working): also the
+/// broker prefetch, so the broker never hands a worker more than it will hold.
+pub fn intake_limit(max_concurrency: usize) -> usize {
+    max_concurrency
+        .saturating_mul(4)
+        .clamp(1, usize::from(u16::MAX))
+}
+
 /// What the worker needs besides its seams.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -121,6 +144,8 @@ struct Inner {
     limiter: DefaultDirectRateLimiter,
     settings: WorkerSettings,
     order: order::ConversationOrder,
+    /// Jobs taken from the queue and not yet settled or returned.
+    taken: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for Worker {
@@ -159,19 +184,31 @@ impl Worker {
                 limiter: RateLimiter::direct(Quota::per_minute(rpm)),
                 settings,
                 order: order::ConversationOrder::default(),
+                taken: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// Jobs taken from the queue and not yet finished (waiting or being worked on).
+    pub fn taken(&self) -> usize {
+        self.inner.taken.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Takes jobs until `shutdown`, then lets in-flight jobs finish for up to `grace`;
     /// jobs still running after that are abandoned unsettled, so the queue delivers them again.
     pub async fn run_until_stopped(self, shutdown: CancellationToken, grace: Duration) {
-        let permits = Arc::new(Semaphore::new(self.inner.settings.max_concurrency));
+        // Two budgets: jobs taken from the queue (including those waiting for an earlier
+        // message of their conversation) and jobs being worked on. A conversation with many
+        // queued messages then waits without holding work permits other chats need.
+        let intake = Arc::new(Semaphore::new(intake_limit(
+            self.inner.settings.max_concurrency,
+        )));
+        let work = Arc::new(Semaphore::new(self.inner.settings.max_concurrency));
         let mut tasks = JoinSet::new();
         loop {
             while tasks.try_join_next().is_some() {}
             let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                p = intake.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 _ = shutdown.cancelled() => break,
             };
             let delivery = tokio::select! {
@@ -191,9 +228,25 @@ impl Worker {
             // Taken here, in delivery order, so jobs of one conversation run in that order.
             let mut turn = self.inner.order.take_turn(&delivery.job.conversation_key);
             let worker = self.clone();
+            let work = work.clone();
+            let stopping = shutdown.clone();
+            worker
+                .inner
+                .taken
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tasks.spawn(async move {
-                let _permit = permit;
-                turn.wait_for_predecessor().await;
+                let _taken = TakenGuard {
+                    _permit: permit,
+                    worker: worker.clone(),
+                };
+                // A job not yet started when shutdown begins goes back to the queue unsettled.
+                let _working = tokio::select! {
+                    w = async {
+                        turn.wait_for_predecessor().await;
+                        work.acquire_owned().await.expect("semaphore is never closed")
+                    } => w,
+                    _ = stopping.cancelled() => return,
+                };
                 let m = shared::metrics::get();
                 m.jobs_in_flight.inc();
                 let outcome = worker.process_job(&delivery.job).await;
