@@ -40,5 +40,32 @@ fn open_2k_message(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, open_2k_message);
+/// The steps of the same path, to see where the time goes.
+fn steps(c: &mut Criterion) {
+    let crypto = WecomCrypto::new(TOKEN, AES_KEY, CORP_ID).expect("valid key");
+    let text = "企业微信消息".repeat(114);
+    let xml = format!(
+        "<xml><ToUserName><![CDATA[{CORP_ID}]]></ToUserName><FromUserName><![CDATA[zhangsan]]></FromUserName>\
+         <CreateTime>1700000000</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[{text}]]></Content>\
+         <MsgId>1234567890123456</MsgId><AgentID>1000002</AgentID></xml>"
+    );
+    let encrypt = crypto.encrypt(&xml);
+    let body = format!(
+        "<xml><ToUserName><![CDATA[{CORP_ID}]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
+    );
+    c.bench_function("step_signature", |b| {
+        b.iter(|| crypto.signature("1700000000", "1597212914", black_box(&encrypt)))
+    });
+    c.bench_function("step_decrypt", |b| {
+        b.iter(|| crypto.decrypt(black_box(&encrypt)).expect("valid"))
+    });
+    c.bench_function("step_parse_envelope", |b| {
+        b.iter(|| shared::wecom::xml::parse_envelope(black_box(&body)).expect("valid"))
+    });
+    c.bench_function("step_parse_message", |b| {
+        b.iter(|| shared::wecom::xml::parse_message(black_box(&xml)).expect("valid"))
+    });
+}
+
+criterion_group!(benches, open_2k_message, steps);
 criterion_main!(benches);
