@@ -11,6 +11,7 @@ pub mod dingtalk;
 pub mod load;
 pub mod openai;
 pub mod record;
+pub mod robots;
 pub mod wecom;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -23,6 +24,7 @@ pub use dingtalk::{
 };
 pub use load::{LoadArgs, LoadReport, Percentiles, ReplyReport, run_load};
 pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
+pub use robots::{FakeRobots, Refused, RobotKind, RobotMessage, max_in_any_window};
 pub use wecom::{FakeWecom, FakeWecomApp, WecomSent};
 
 /// `parley sim …` subcommands.
