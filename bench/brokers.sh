@@ -30,17 +30,31 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
 fi
-if ! rabbitmqctl -q status >/dev/null 2>&1; then
+# rabbitmqctl, never hanging the benchmark (it waits forever on a wedged broker).
+rmq() { timeout 60 rabbitmqctl "$@" </dev/null; }
+# Whether the broker answers the AMQP protocol header with a frame (connection.start): a
+# broker out of file handles accepts TCP connections but never answers.
+amqp_answers() {
+  timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "AMQP\0\0\11\1" >&3 && head -c 1 <&3 | grep -q .' 2>/dev/null
+}
+if ! timeout 5 bash -c '</dev/tcp/127.0.0.1/5672' 2>/dev/null; then
   echo "starting rabbitmq"
   rabbitmq-server -detached || true
-  rabbitmqctl -q await_startup --timeout 60 >/dev/null
+  rmq -q await_startup --timeout 60 >/dev/null
+fi
+if ! amqp_answers; then
+  echo "RabbitMQ on 127.0.0.1:5672 does not answer the AMQP handshake. If" >&2
+  echo "  rabbitmqctl eval 'file_handle_cache:info([total_limit,total_used]).'" >&2
+  echo "shows total_used at or above total_limit, it is out of file handles (too many queues for its" >&2
+  echo "ulimit -n): delete stale queues or raise the limit, then run this again." >&2
+  exit 1
 fi
 BEAM=$(pgrep -o -x beam.smp)
 REDIS=$(pgrep -o -x redis-server)
 
 drop_queues() { # every queue whose name contains $1
-  rabbitmqctl list_queues -q --no-table-headers name 2>/dev/null | { grep -F -- "$1" || true; } |
-    while read -r q; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
+  rmq list_queues -q --no-table-headers name 2>/dev/null | { grep -F -- "$1" || true; } |
+    while read -r q; do rmq -q delete_queue "$q" >/dev/null 2>&1 || true; done
 }
 drop_keys() { # every Redis key starting with $1
   redis-cli -h 127.0.0.1 -p 6379 --scan --pattern "$1*" | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null
@@ -51,7 +65,7 @@ cleanup() {
   drop_queues "$RUN_ID"
   drop_keys "$RUN_ID"
   local left
-  left=$(rabbitmqctl list_queues -q --no-table-headers name 2>/dev/null | grep -cF -- "$RUN_ID" || true)
+  left=$(rmq list_queues -q --no-table-headers name 2>/dev/null | grep -cF -- "$RUN_ID" || true)
   [ "${left:-0}" = 0 ] || echo "warning: $left queue(s) named *$RUN_ID* are left in RabbitMQ" >&2
 }
 trap cleanup EXIT
@@ -66,7 +80,7 @@ jobs_held() { # messages in the job queue(s) `$1.jobs*`. RabbitMQ refreshes a qu
   # counts every few seconds, so read until two readings 6 s apart agree.
   local last=-1 now
   for _ in 1 2 3 4; do
-    now=$(rabbitmqctl list_queues -q --no-table-headers name messages 2>/dev/null </dev/null |
+    now=$(rmq list_queues -q --no-table-headers name messages 2>/dev/null |
       awk -v p="$1.jobs" 'index($1, p) == 1 {n += $2} END {print n + 0}')
     [ "$now" = "$last" ] && break
     last=$now; sleep 6
@@ -217,7 +231,7 @@ SIGN=$(python3 -c "import hmac,hashlib,base64; s=b'$SECRET'; print(base64.b64enc
 export TIMESTAMP=$TS SIGN
 
 echo "== load before: $(uptime)"
-echo "   RabbitMQ $(rabbitmqctl version 2>/dev/null) (pid $BEAM) and Redis (pid $REDIS): unpinned, shared with the machine's other tenants"
+echo "   RabbitMQ $(rmq version 2>/dev/null) (pid $BEAM) and Redis (pid $REDIS): unpinned, shared with the machine's other tenants"
 
 echo "== 1. Ingress with RabbitMQ confirms vs bare_publish (1 process, confirmed persistent 600-byte publishes to a quorum queue), A B A B"
 echo "   bare_publish: 64 in flight, 2 s warm-up + 10 s, core 0; parley ingress: core 0, wrk -t1 -c64 -d10s (2 s warm-up) on core 1"

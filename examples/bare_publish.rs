@@ -70,7 +70,13 @@ async fn main() -> anyhow::Result<()> {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         )
     });
-    let connection = Connection::connect(&args.url, ConnectionProperties::default()).await?;
+    // A broker out of file handles accepts the TCP connection and never answers: fail loudly.
+    let connection = tokio::time::timeout(
+        Duration::from_secs(10),
+        Connection::connect(&args.url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("RabbitMQ did not complete the AMQP handshake within 10 s"))??;
     let channel = connection.create_channel().await?;
     channel
         .queue_declare(
