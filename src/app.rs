@@ -10,10 +10,12 @@ use anyhow::{Context, bail};
 use ingress::IngressState;
 use shared::cache::redis::RedisCache;
 use shared::cache::{Cache, MemoryCache};
-use shared::config::{BotSettings, Platform, Settings};
+use shared::config::{BotSettings, Platform, QueueSettings, Settings};
 use shared::dingtalk::client::DingTalkMessenger;
 use shared::llm::{LlmClient, OpenAiClient};
 use shared::messenger::Messenger;
+use shared::notify::ratelimit::WindowLimiter;
+use shared::notify::robot::RobotMessenger;
 use shared::queue::amqp::AmqpQueue;
 use shared::queue::{JobQueue, MemoryQueue};
 use shared::token::TokenCache;
@@ -51,14 +53,56 @@ impl Roles {
     }
 }
 
-/// The queue and cache of a process, with the handles the lifecycle needs.
-struct Backends {
+/// One job queue and the handles the lifecycle needs.
+struct Lane {
     queue: Arc<dyn JobQueue>,
-    cache: Arc<dyn Cache>,
     /// Set for the embedded queue: what it holds must be worked off before exit.
-    memory_queue: Option<MemoryQueue>,
+    memory: Option<MemoryQueue>,
     /// Set for RabbitMQ: closed last, so unsettled deliveries return to the broker.
     amqp: Option<AmqpQueue>,
+}
+
+impl Lane {
+    /// A lane on the configured backend; `prefix` names its broker queues.
+    fn build(
+        queue: &QueueSettings,
+        prefix: String,
+        roles: Roles,
+        max_concurrency: usize,
+    ) -> anyhow::Result<Self> {
+        if queue.url.is_none() {
+            let q = MemoryQueue::new(queue.capacity);
+            return Ok(Self {
+                queue: Arc::new(q.clone()),
+                memory: Some(q),
+                amqp: None,
+            });
+        }
+        let settings = QueueSettings {
+            prefix,
+            ..queue.clone()
+        };
+        let tiers = &settings.retry_delays_secs;
+        let prefetch = u16::try_from(worker::intake_limit(max_concurrency)).unwrap_or(u16::MAX);
+        let q = if roles.worker() {
+            AmqpQueue::start_with_tiers(&settings, prefetch, tiers)?
+        } else {
+            AmqpQueue::publisher(&settings, tiers)?
+        };
+        Ok(Self {
+            queue: Arc::new(q.clone()),
+            memory: None,
+            amqp: Some(q),
+        })
+    }
+}
+
+/// The queues and cache of a process: chat jobs, and notifications in a lane of their
+/// own so a robot's rate limit never holds up chat answers.
+struct Backends {
+    chat: Lane,
+    notify: Option<Lane>,
+    cache: Arc<dyn Cache>,
 }
 
 impl Backends {
@@ -68,33 +112,32 @@ impl Backends {
                 "config: queue.url and cache.url: `parley ingress` and `parley worker` run apart and need RabbitMQ and Redis; use `parley serve` for the embedded ones"
             );
         }
-        let prefetch =
-            u16::try_from(worker::intake_limit(settings.llm.max_concurrency)).unwrap_or(u16::MAX);
-        let (queue, memory_queue, amqp): (Arc<dyn JobQueue>, _, _) = match &settings.queue.url {
-            None => {
-                let q = MemoryQueue::new(settings.queue.capacity);
-                (Arc::new(q.clone()), Some(q), None)
-            }
-            Some(_) => {
-                let tiers = &settings.queue.retry_delays_secs;
-                let q = if roles.worker() {
-                    AmqpQueue::start_with_tiers(&settings.queue, prefetch, tiers)?
-                } else {
-                    AmqpQueue::publisher(&settings.queue, tiers)?
-                };
-                (Arc::new(q.clone()), None, Some(q))
-            }
+        let q = &settings.queue;
+        let chat = Lane::build(q, q.prefix.clone(), roles, settings.llm.max_concurrency)?;
+        let notify = if settings.channels.is_empty() {
+            None
+        } else {
+            let prefix = format!("{}.notify", q.prefix);
+            Some(Lane::build(
+                q,
+                prefix,
+                roles,
+                settings.notify.max_concurrency,
+            )?)
         };
         let cache: Arc<dyn Cache> = match &settings.cache.url {
             None => Arc::new(MemoryCache::new()),
             Some(_) => Arc::new(RedisCache::start(&settings.cache)?),
         };
         Ok(Self {
-            queue,
+            chat,
+            notify,
             cache,
-            memory_queue,
-            amqp,
         })
+    }
+
+    fn lanes(&self) -> impl Iterator<Item = &Lane> {
+        std::iter::once(&self.chat).chain(self.notify.as_ref())
     }
 }
 
@@ -104,7 +147,8 @@ pub struct Application {
     listener: Option<TcpListener>,
     admin_listener: TcpListener,
     ingress: Option<IngressState>,
-    worker: Option<Worker>,
+    /// The chat worker and, with channels, the notification worker.
+    workers: Vec<Worker>,
     backends: Backends,
 }
 
@@ -130,14 +174,26 @@ impl Application {
     /// Builds the given roles and binds their listeners.
     pub async fn build_roles(settings: Settings, roles: Roles) -> anyhow::Result<Self> {
         let backends = Backends::build(&settings, roles)?;
-        let worker = if roles.worker() {
-            Some(build_worker(&settings, &backends)?)
+        let workers = if roles.worker() {
+            build_workers(&settings, &backends)?
         } else {
-            None
+            Vec::new()
         };
         let (ingress, listener) = if roles.ingress() {
-            let state =
-                IngressState::new(&settings, backends.queue.clone(), backends.cache.clone());
+            let mut state = IngressState::new(
+                &settings,
+                backends.chat.queue.clone(),
+                backends.cache.clone(),
+            );
+            if let Some(lane) = &backends.notify {
+                let template = match &settings.notify.alertmanager_template {
+                    Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
+                        format!("config: notify.alertmanager_template: cannot read {path}")
+                    })?),
+                    None => None,
+                };
+                state = state.with_notify(lane.queue.clone(), template);
+            }
             (
                 Some(state),
                 Some(bind(settings.server.listen, "server.listen").await?),
@@ -151,7 +207,7 @@ impl Application {
             listener,
             admin_listener,
             ingress,
-            worker,
+            workers,
             backends,
         })
     }
@@ -174,10 +230,14 @@ impl Application {
     /// Runs the roles until `shutdown` fires, then stops them in order.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let stopping = shutdown.clone();
-        let (queue, cache) = (self.backends.queue.clone(), self.backends.cache.clone());
+        let queues: Vec<_> = self.backends.lanes().map(|l| l.queue.clone()).collect();
+        let cache = self.backends.cache.clone();
         let readiness = Readiness::default()
             .with("shutting_down", Arc::new(move || !stopping.is_cancelled()))
-            .with("queue", Arc::new(move || queue.is_ready()))
+            .with(
+                "queue",
+                Arc::new(move || queues.iter().all(|q| q.is_ready())),
+            )
             .with("cache", Arc::new(move || cache.is_ready()));
         let admin_stop = CancellationToken::new();
         let admin = tokio::spawn(
@@ -186,10 +246,12 @@ impl Application {
                 .into_future(),
         );
         let worker_stop = CancellationToken::new();
-        let worker_view = self.worker.clone();
-        let worker = self
-            .worker
-            .map(|w| tokio::spawn(w.run_until_stopped(worker_stop.clone(), SHUTDOWN_GRACE)));
+        let worker_view = self.workers.clone();
+        let running: Vec<_> = self
+            .workers
+            .into_iter()
+            .map(|w| tokio::spawn(w.run_until_stopped(worker_stop.clone(), SHUTDOWN_GRACE)))
+            .collect();
         tracing::info!(roles = ?self.roles, "parley is running");
         let served = match (self.listener, self.ingress) {
             (Some(listener), Some(state)) => {
@@ -204,25 +266,41 @@ impl Application {
                 Ok(())
             }
         };
-        if let (Some(q), Some(w)) = (&self.backends.memory_queue, &worker_view) {
-            // Embedded queue: what it holds exists nowhere else, so work it off first.
+        if !worker_view.is_empty() {
+            // Embedded queues: what they hold exists nowhere else, so work it off first.
+            let pending = || {
+                let queued: usize = self
+                    .backends
+                    .lanes()
+                    .filter_map(|l| l.memory.as_ref())
+                    .map(|q| q.depth())
+                    .sum();
+                let memory = self.backends.lanes().any(|l| l.memory.is_some());
+                if memory {
+                    queued + worker_view.iter().map(Worker::taken).sum::<usize>()
+                } else {
+                    0
+                }
+            };
             let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-            while (q.depth() > 0 || w.taken() > 0) && tokio::time::Instant::now() < deadline {
+            while pending() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if q.depth() > 0 || w.taken() > 0 {
+            if pending() > 0 {
                 tracing::error!(
-                    left = q.depth(),
+                    left = pending(),
                     "shutdown grace over with jobs still queued"
                 );
             }
         }
         worker_stop.cancel();
-        if let Some(w) = worker {
+        for w in running {
             let _ = w.await;
         }
-        if let Some(amqp) = &self.backends.amqp {
-            amqp.close().await;
+        for lane in self.backends.lanes() {
+            if let Some(amqp) = &lane.amqp {
+                amqp.close().await;
+            }
         }
         admin_stop.cancel();
         let _ = admin.await;
@@ -230,7 +308,7 @@ impl Application {
     }
 }
 
-fn build_worker(settings: &Settings, backends: &Backends) -> anyhow::Result<Worker> {
+fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec<Worker>> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(5))
@@ -253,13 +331,41 @@ fn build_worker(settings: &Settings, backends: &Backends) -> anyhow::Result<Work
     }
     let llm: Arc<dyn LlmClient> =
         Arc::new(OpenAiClient::new(&settings.llm).context("building the model client")?);
-    Ok(Worker::new(
+    let chat = Worker::new(
         WorkerSettings::from_settings(settings),
-        backends.queue.clone(),
+        backends.chat.queue.clone(),
         backends.cache.clone(),
-        llm,
+        llm.clone(),
         messengers,
-    ))
+    );
+    let mut workers = vec![chat];
+    if let Some(lane) = &backends.notify {
+        let robots: HashMap<(Platform, String), Arc<dyn Messenger>> = settings
+            .channels
+            .iter()
+            .map(|c| {
+                let limiter = Arc::new(WindowLimiter::new(
+                    backends.cache.clone(),
+                    c.messages_per_minute,
+                ));
+                let m: Arc<dyn Messenger> =
+                    Arc::new(RobotMessenger::new(http.clone(), c.clone(), limiter));
+                ((c.kind.platform(), c.id.clone()), m)
+            })
+            .collect();
+        let notify_settings = WorkerSettings {
+            max_concurrency: settings.notify.max_concurrency,
+            ..WorkerSettings::from_settings(settings)
+        };
+        workers.push(Worker::new(
+            notify_settings,
+            lane.queue.clone(),
+            backends.cache.clone(),
+            llm,
+            robots,
+        ));
+    }
+    Ok(workers)
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {

@@ -76,6 +76,20 @@ pub enum Command {
     },
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Send one message to a group robot channel now (for scripts and cron).
+    Notify {
+        /// The channel id (`[[channels]].id`).
+        #[arg(long)]
+        channel: String,
+        /// Send as markdown.
+        #[arg(long)]
+        markdown: bool,
+        /// Markdown title (DingTalk shows it in notifications).
+        #[arg(long)]
+        title: Option<String>,
+        /// The message.
+        text: String,
+    },
 }
 
 /// Parses arguments, runs the command, and maps errors to one line and exit code 1.
@@ -122,6 +136,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => crate::demo::run().await,
+        Command::Notify {
+            channel,
+            markdown,
+            title,
+            text,
+        } => {
+            notify(
+                load(cli.config.as_deref())?,
+                &channel,
+                markdown,
+                title,
+                text,
+            )
+            .await
+        }
         Command::Sim { command } => crate::sim::run(command).await,
     }
 }
@@ -173,4 +202,65 @@ async fn dlq(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
     };
     queue.close().await;
     result
+}
+
+/// Sends straight to the robot, under the same cluster-wide rate limit as the workers
+/// when `[cache].url` points at the shared Redis.
+async fn notify(
+    settings: Settings,
+    channel_id: &str,
+    markdown: bool,
+    title: Option<String>,
+    text: String,
+) -> anyhow::Result<()> {
+    use shared::messenger::Messenger;
+    let channel = settings
+        .channels
+        .iter()
+        .find(|c| c.id == channel_id)
+        .with_context(|| format!("no [[channels]] entry with id {channel_id:?}"))?
+        .clone();
+    let cache: std::sync::Arc<dyn shared::cache::Cache> = match &settings.cache.url {
+        Some(_) => std::sync::Arc::new(shared::cache::redis::RedisCache::start(&settings.cache)?),
+        None => std::sync::Arc::new(shared::cache::MemoryCache::new()),
+    };
+    let limiter = std::sync::Arc::new(shared::notify::ratelimit::WindowLimiter::new(
+        cache,
+        channel.messages_per_minute,
+    ));
+    let body = match markdown {
+        true => serde_json::json!({"markdown": {"title": title, "text": text}}),
+        false => serde_json::json!({"text": text}),
+    };
+    let job = shared::notify::request::to_job(
+        &channel,
+        body.to_string().as_bytes(),
+        None,
+        shared::notify::request::job_id(channel_id, None),
+        shared::now_ms(),
+    )?;
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let robot = shared::notify::robot::RobotMessenger::new(http, channel, limiter);
+    let shared::job::Content::Notice {
+        text,
+        markdown,
+        title,
+    } = &job.content
+    else {
+        anyhow::bail!("not a notification");
+    };
+    let parts = shared::split::split(text, robot.limit(*markdown));
+    let count = parts.len();
+    for part in parts {
+        let message = shared::messenger::OutgoingMessage {
+            text: part,
+            markdown: *markdown,
+            title: title.clone().unwrap_or_default(),
+        };
+        robot.send(&job, &message).await?;
+    }
+    println!("sent to {channel_id} ({count} message(s))");
+    Ok(())
 }

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use shared::cache::Cache;
-use shared::config::{BotSettings, DingTalkBot, Platform, Settings, WecomBot};
+use shared::config::{BotSettings, ChannelSettings, DingTalkBot, Platform, Settings, WecomBot};
 use shared::dingtalk;
 use shared::job::Job;
 use shared::queue::{JobQueue, QueueError};
@@ -23,6 +23,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod notify;
 
 /// Everything a callback handler needs; cheap to clone.
 #[derive(Clone)]
@@ -42,6 +44,11 @@ struct Inner {
     cache: Arc<dyn Cache>,
     body_limit: usize,
     dedupe_ttl: Duration,
+    channels: HashMap<String, ChannelSettings>,
+    /// The notification lane; None when no channel is configured.
+    notify_queue: Option<Arc<dyn JobQueue>>,
+    /// The user's Alertmanager template, read at start-up.
+    alert_template: Option<String>,
 }
 
 impl fmt::Debug for IngressState {
@@ -81,8 +88,23 @@ impl IngressState {
                 cache,
                 body_limit: settings.server.body_limit_bytes,
                 dedupe_ttl: Duration::from_secs(settings.server.dedupe_ttl_secs),
+                channels: settings
+                    .channels
+                    .iter()
+                    .map(|c| (c.id.clone(), c.clone()))
+                    .collect(),
+                notify_queue: None,
+                alert_template: None,
             }),
         }
+    }
+
+    /// Adds the notification lane, and the Alertmanager template (already validated).
+    pub fn with_notify(mut self, queue: Arc<dyn JobQueue>, alert_template: Option<String>) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("configured before it is shared");
+        inner.notify_queue = Some(queue);
+        inner.alert_template = alert_template;
+        self
     }
 }
 
@@ -94,6 +116,7 @@ pub fn router(state: IngressState) -> Router {
             "/wecom/{bot_id}",
             post(wecom_callback).get(wecom_verify_url),
         )
+        .route("/notify/{channel_id}", post(notify::notify))
         .with_state(state)
 }
 
@@ -133,6 +156,12 @@ pub enum Rejection {
     /// The dedupe store cannot be reached; accepting would risk double answers or loss.
     #[error("dedupe store unavailable")]
     CacheDown,
+    /// No or wrong bearer token.
+    #[error("bad bearer token")]
+    Unauthorized,
+    /// A notification body that is not one of the accepted shapes.
+    #[error("{0}")]
+    Notice(#[from] shared::notify::request::RequestError),
 }
 
 impl Rejection {
@@ -153,6 +182,11 @@ impl Rejection {
             Rejection::Xml(XmlError::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Xml(_) => StatusCode::BAD_REQUEST,
             Rejection::Queue(_) | Rejection::CacheDown => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Unauthorized => StatusCode::UNAUTHORIZED,
+            Rejection::Notice(shared::notify::request::RequestError::Render(_)) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Rejection::Notice(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -172,6 +206,8 @@ impl Rejection {
             Rejection::Crypto(CryptoError::ReceiveIdMismatch) => "wrong_receiver",
             Rejection::Crypto(_) => "bad_ciphertext",
             Rejection::Queue(_) => "queue_unavailable",
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::Notice(_) => "malformed",
             Rejection::CacheDown => "cache_unavailable",
         }
     }
@@ -207,6 +243,15 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Rejection> {
 /// callback route. The dedupe mark is removed again if the queue refuses, so the
 /// platform's retry is not mistaken for a duplicate of a message that was never queued.
 pub async fn enqueue(state: &IngressState, job: &Job) -> Result<Accepted, Rejection> {
+    enqueue_on(state, state.inner.queue.as_ref(), job).await
+}
+
+/// [`enqueue`] onto a given queue (notifications have a lane of their own).
+async fn enqueue_on(
+    state: &IngressState,
+    queue: &dyn JobQueue,
+    job: &Job,
+) -> Result<Accepted, Rejection> {
     let inner = &state.inner;
     let key = format!("dedupe:{}", job.id);
     let fresh = inner
@@ -220,50 +265,60 @@ pub async fn enqueue(state: &IngressState, job: &Job) -> Result<Accepted, Reject
     if !fresh {
         return Ok(Accepted::Duplicate);
     }
-    if let Err(e) = inner.queue.publish(job).await {
+    if let Err(e) = queue.publish(job).await {
         let _ = inner.cache.delete(&key).await;
         return Err(e.into());
     }
     Ok(Accepted::Queued)
 }
 
-/// Records the metric and log line of one callback and renders its response.
+/// Records the metric and log line of one request.
+fn record(
+    route: &'static str,
+    bot_id: &str,
+    started: Instant,
+    result: &Result<Accepted, Rejection>,
+) {
+    let m = shared::metrics::get();
+    m.ack_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = match result {
+        Ok(Accepted::Queued) => "accepted",
+        Ok(Accepted::Ignored) => "ignored",
+        Ok(Accepted::Duplicate) => {
+            tracing::info!(route, bot = bot_id, "duplicate dropped");
+            "duplicate"
+        }
+        Err(r) => {
+            if r.status().is_server_error() {
+                tracing::error!(route, bot = bot_id, reason = %r, "request not accepted");
+            } else {
+                tracing::warn!(route, bot = bot_id, reason = %r, "request rejected");
+            }
+            r.outcome()
+        }
+    };
+    m.http_requests.with_label_values(&[route, outcome]).inc();
+}
+
+/// The answer to a refused request: its status and a short machine-readable reason.
+fn refusal(r: &Rejection) -> Response {
+    let body = serde_json::json!({"error": r.outcome()}).to_string();
+    (r.status(), [("content-type", "application/json")], body).into_response()
+}
+
+/// Records a platform callback and answers it: an empty 200 once accepted.
 fn finish(
     route: &'static str,
     bot_id: &str,
     started: Instant,
     result: Result<Accepted, Rejection>,
 ) -> Response {
-    let m = shared::metrics::get();
-    m.ack_duration
-        .with_label_values(&[route])
-        .observe(started.elapsed().as_secs_f64());
+    record(route, bot_id, started, &result);
     match result {
-        Ok(accepted) => {
-            let outcome = match accepted {
-                Accepted::Queued => "accepted",
-                Accepted::Ignored => "ignored",
-                Accepted::Duplicate => {
-                    tracing::info!(route, bot = bot_id, "duplicate callback dropped");
-                    "duplicate"
-                }
-            };
-            m.http_requests.with_label_values(&[route, outcome]).inc();
-            StatusCode::OK.into_response()
-        }
-        Err(r) => {
-            m.http_requests
-                .with_label_values(&[route, r.outcome()])
-                .inc();
-            let status = r.status();
-            if status.is_server_error() {
-                tracing::error!(route, bot = bot_id, reason = %r, "callback not accepted");
-            } else {
-                tracing::warn!(route, bot = bot_id, reason = %r, "callback rejected");
-            }
-            let body = serde_json::json!({"error": r.outcome()}).to_string();
-            (status, [("content-type", "application/json")], body).into_response()
-        }
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(r) => refusal(&r),
     }
 }
 

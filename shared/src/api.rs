@@ -15,8 +15,8 @@ pub struct PlatformApi {
     /// The shared HTTP client.
     pub http: reqwest::Client,
     base: String,
-    tokens: Arc<TokenCache>,
-    token_key: String,
+    /// The token cache and this bot's key in it; None for APIs without tokens (robots).
+    tokens: Option<(Arc<TokenCache>, String)>,
     platform: &'static str,
 }
 
@@ -41,8 +41,17 @@ impl PlatformApi {
         Self {
             http,
             base: base.trim_end_matches('/').to_string(),
-            tokens,
-            token_key,
+            tokens: Some((tokens, token_key)),
+            platform,
+        }
+    }
+
+    /// An API that needs no access token (group robot webhooks carry theirs in the URL).
+    pub fn without_token(platform: &'static str, http: reqwest::Client) -> Self {
+        Self {
+            http,
+            base: String::new(),
+            tokens: None,
             platform,
         }
     }
@@ -91,6 +100,12 @@ impl PlatformApi {
                 .inc();
             fetch()
         };
-        self.tokens.call(&self.token_key, counted_fetch, call).await
+        let Some((tokens, key)) = &self.tokens else {
+            return Err(SendError::Permanent(format!(
+                "{} API has no access token",
+                self.platform
+            )));
+        };
+        tokens.call(key, counted_fetch, call).await
     }
 }

@@ -47,9 +47,82 @@ pub struct Settings {
     /// Conversation memory.
     #[serde(default)]
     pub history: HistorySettings,
-    /// Chat bots, at least one.
+    /// Chat bots.
     #[serde(default)]
     pub bots: Vec<BotSettings>,
+    /// Notification delivery.
+    #[serde(default)]
+    pub notify: NotifySettings,
+    /// Group robots notifications are pushed into.
+    #[serde(default)]
+    pub channels: Vec<ChannelSettings>,
+}
+
+/// `[notify]`: how notifications are delivered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifySettings {
+    /// Notifications delivered at once per worker process (one per robot at a time,
+    /// in order). Default 8.
+    pub max_concurrency: usize,
+    /// A minijinja template file rendering Alertmanager payloads as markdown; absent = the
+    /// built-in template.
+    pub alertmanager_template: Option<String>,
+}
+
+impl Default for NotifySettings {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 8,
+            alertmanager_template: None,
+        }
+    }
+}
+
+/// The kinds of group robot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelKind {
+    /// A DingTalk custom robot (自定义机器人): `https://oapi.dingtalk.com/robot/send?access_token=…`.
+    DingtalkRobot,
+    /// A WeCom group robot (群机器人): `https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=…`.
+    WecomRobot,
+}
+
+/// `[[channels]]`: one group robot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    /// Route id: callers POST to `/notify/{id}`.
+    pub id: String,
+    /// Which platform's robot.
+    pub kind: ChannelKind,
+    /// The robot's full webhook URL, including its access_token / key.
+    pub url: Secret,
+    /// DingTalk signing secret (`SEC…`), if the robot uses signature security.
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// DingTalk keyword security: added to every message that lacks it.
+    #[serde(default)]
+    pub keyword: Option<String>,
+    /// The bearer token callers must present.
+    pub token: Secret,
+    /// Mobiles @-mentioned by default.
+    #[serde(default)]
+    pub at_mobiles: Vec<String>,
+    /// User ids @-mentioned by default.
+    #[serde(default)]
+    pub at_user_ids: Vec<String>,
+    /// @all by default.
+    #[serde(default)]
+    pub at_all: bool,
+    /// Messages per minute the robot accepts (both platforms document 20). Default 20.
+    #[serde(default = "default_robot_rate")]
+    pub messages_per_minute: u32,
+}
+
+fn default_robot_rate() -> u32 {
+    20
 }
 
 /// `[server]`: where the ingress and the admin endpoints listen.
@@ -77,6 +150,11 @@ impl Default for ServerSettings {
     }
 }
 
+/// Default of `[queue] shards`.
+pub const DEFAULT_SHARDS: u16 = 8;
+/// Most shard queues a deployment may declare (each is a quorum queue, a Raft group).
+pub const MAX_SHARDS: u16 = 256;
+
 /// `[queue]`: the job queue. Without `url` an embedded in-process queue is used.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -97,6 +175,11 @@ pub struct QueueSettings {
     /// repeats. The broker backend declares one delay queue per value, so every process
     /// sharing a prefix must use the same list. Default `[5, 30, 120, 600]`.
     pub retry_delays_secs: Vec<u64>,
+    /// Shard queues of the broker backend (1–256): a conversation's jobs always go to the
+    /// same shard, and each shard is worked by one worker process at a time, so they are
+    /// answered in order; at most this many worker processes are busy at once. Every
+    /// process sharing a prefix must use the same number. Default 8.
+    pub shards: u16,
 }
 
 impl Default for QueueSettings {
@@ -108,6 +191,7 @@ impl Default for QueueSettings {
             prefix: "parley".into(),
             confirm_timeout_ms: 2000,
             retry_delays_secs: crate::queue::RETRY_TIERS_SECS.to_vec(),
+            shards: DEFAULT_SHARDS,
         }
     }
 }
@@ -211,6 +295,12 @@ pub enum Platform {
     DingTalk,
     /// WeCom (企业微信).
     Wecom,
+    /// A DingTalk custom group robot (notifications).
+    #[serde(rename = "dingtalk_robot")]
+    DingTalkRobot,
+    /// A WeCom group robot (notifications).
+    #[serde(rename = "wecom_robot")]
+    WecomRobot,
 }
 
 impl Platform {
@@ -219,6 +309,18 @@ impl Platform {
         match self {
             Platform::DingTalk => "dingtalk",
             Platform::Wecom => "wecom",
+            Platform::DingTalkRobot => "dingtalk_robot",
+            Platform::WecomRobot => "wecom_robot",
+        }
+    }
+}
+
+impl ChannelKind {
+    /// The platform a channel's notifications travel on.
+    pub fn platform(self) -> Platform {
+        match self {
+            ChannelKind::DingtalkRobot => Platform::DingTalkRobot,
+            ChannelKind::WecomRobot => Platform::WecomRobot,
         }
     }
 }
@@ -377,18 +479,25 @@ impl Settings {
                 "must be a non-empty ascending list of positive seconds",
             ));
         }
+        if !(1..=MAX_SHARDS).contains(&self.queue.shards) {
+            return Err(ConfigError::new(
+                "queue.shards",
+                format!("must be between 1 and {MAX_SHARDS}"),
+            ));
+        }
         if self.queue.capacity == 0 {
             return Err(ConfigError::new("queue.capacity", "must be at least 1"));
         }
         if self.history.max_turns == 0 {
             return Err(ConfigError::new("history.max_turns", "must be at least 1"));
         }
-        if self.bots.is_empty() {
+        if self.bots.is_empty() && self.channels.is_empty() {
             return Err(ConfigError::new(
                 "bots",
-                "at least one [[bots]] entry is needed",
+                "at least one [[bots]] or [[channels]] entry is needed",
             ));
         }
+        self.validate_channels()?;
         let mut seen = HashSet::new();
         for (i, bot) in self.bots.iter().enumerate() {
             let id = bot.id();
@@ -448,6 +557,72 @@ impl Settings {
                     })?;
                     check_http_url(&key("api_base"), &b.api_base)?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_channels(&self) -> Result<(), ConfigError> {
+        if self.notify.max_concurrency == 0 {
+            return Err(ConfigError::new(
+                "notify.max_concurrency",
+                "must be at least 1",
+            ));
+        }
+        if let Some(path) = &self.notify.alertmanager_template {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(
+                    "notify.alertmanager_template",
+                    format!("cannot read {path}: {e}"),
+                )
+            })?;
+            crate::notify::alertmanager::check_template(&text)
+                .map_err(|e| ConfigError::new("notify.alertmanager_template", e.to_string()))?;
+        }
+        let mut seen = HashSet::new();
+        for (i, c) in self.channels.iter().enumerate() {
+            let key = |k: &str| format!("channels[{i}].{k}");
+            if c.id.is_empty()
+                || !c
+                    .id
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            {
+                return Err(ConfigError::new(
+                    key("id"),
+                    "must be non-empty and use only letters, digits, '-' and '_'",
+                ));
+            }
+            if !seen.insert(c.id.clone()) {
+                return Err(ConfigError::new(key("id"), "duplicate channel id"));
+            }
+            // The URL carries the robot's token: never echo it in the message.
+            match url::Url::parse(c.url.expose()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(ConfigError::new(
+                        key("url"),
+                        "must be the robot's http(s) webhook URL",
+                    ));
+                }
+            }
+            if c.token.expose().len() < 16 {
+                return Err(ConfigError::new(
+                    key("token"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if c.messages_per_minute == 0 {
+                return Err(ConfigError::new(
+                    key("messages_per_minute"),
+                    "must be at least 1",
+                ));
+            }
+            if c.kind == ChannelKind::WecomRobot && (c.secret.is_some() || c.keyword.is_some()) {
+                return Err(ConfigError::new(
+                    key("secret"),
+                    "secret and keyword are DingTalk robot settings; WeCom robots have neither",
+                ));
             }
         }
         Ok(())
@@ -594,6 +769,22 @@ app_secret = "${DT_SECRET}"
     }
 
     #[test]
+    fn queue_shards_default_to_8_and_must_be_1_to_256() {
+        assert_eq!(Settings::from_toml(MINIMAL, env).unwrap().queue.shards, 8);
+        let with = |n: &str| format!("{MINIMAL}\n[queue]\nshards = {n}\n");
+        assert_eq!(
+            Settings::from_toml(&with("256"), env).unwrap().queue.shards,
+            256
+        );
+        for bad in ["0", "257"] {
+            let err = Settings::from_toml(&with(bad), env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("config: queue.shards:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn wecom_bot_loads_and_a_bad_aes_key_names_the_key() {
         let wecom = r#"
 [[bots]]
@@ -637,6 +828,6 @@ encoding_aes_key = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
             "/../parley.example.toml"
         ))
         .unwrap();
-        Settings::from_toml(&text, |_| Some("x".into())).unwrap();
+        Settings::from_toml(&text, |_| Some("x0123456789abcdef0123456789".into())).unwrap();
     }
 }

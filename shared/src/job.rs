@@ -55,6 +55,15 @@ pub enum Content {
         /// The text to send.
         text: String,
     },
+    /// A notification pushed into a group robot: sent as it is.
+    Notice {
+        /// The text (markdown source when `markdown`).
+        text: String,
+        /// Render as markdown.
+        markdown: bool,
+        /// Title shown in notifications (DingTalk markdown).
+        title: Option<String>,
+    },
     /// Something the assistant cannot read (picture, file, video…).
     Unsupported {
         /// The platform's message type, e.g. `picture`.
@@ -71,6 +80,19 @@ pub enum ReplyTarget {
     DingTalk(DingTalkTarget),
     /// A WeCom app member.
     Wecom(WecomTarget),
+    /// A group robot (the job's `bot_id` is the channel id).
+    Robot(RobotTarget),
+}
+
+/// Who a robot notification @-mentions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RobotTarget {
+    /// Mobiles to @.
+    pub at_mobiles: Vec<String>,
+    /// User ids to @.
+    pub at_user_ids: Vec<String>,
+    /// @all.
+    pub at_all: bool,
 }
 
 /// Where a WeCom app answer goes: `message/send` to the member.
@@ -104,7 +126,7 @@ impl Job {
     pub fn text(&self) -> Option<&str> {
         match &self.content {
             Content::Text { text } => Some(text),
-            Content::Fixed { .. } | Content::Unsupported { .. } => None,
+            Content::Fixed { .. } | Content::Notice { .. } | Content::Unsupported { .. } => None,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod job;
 pub mod llm;
 pub mod messenger;
 pub mod metrics;
+pub mod notify;
 pub mod queue;
 pub mod secret;
 pub mod split;

@@ -50,8 +50,15 @@ pub(crate) fn backend_toml(backend: Backend, queue_extra: &str, redis_url: &str)
         Backend::Embedded => format!("[queue]\n{queue_extra}\n"),
         Backend::Brokers => {
             let prefix = format!("e2e-{}-{:08x}", run_id(), rand::random::<u32>());
+            // Few shards: every quorum queue costs the broker time to declare, and many
+            // tests start apps at once.
+            let shards = if queue_extra.contains("shards") {
+                ""
+            } else {
+                "shards = 2\n"
+            };
             format!(
-                "[queue]\nurl = \"{AMQP_URL}\"\nprefix = \"{prefix}\"\n{queue_extra}\n\n[cache]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n"
+                "[queue]\nurl = \"{AMQP_URL}\"\nprefix = \"{prefix}\"\n{shards}{queue_extra}\n\n[cache]\nurl = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n"
             )
         }
     }
@@ -71,6 +78,8 @@ pub(crate) struct Options {
     pub(crate) redis_url: String,
     /// AMQP URL override (another vhost for connection-drop tests).
     pub(crate) amqp_url: Option<String>,
+    /// Extra top-level TOML (e.g. `[[channels]]` tables), appended last.
+    pub(crate) extra: String,
 }
 
 impl Default for Options {
@@ -82,6 +91,7 @@ impl Default for Options {
             roles: Roles::Serve,
             redis_url: REDIS_URL.into(),
             amqp_url: None,
+            extra: String::new(),
         }
     }
 }
@@ -102,13 +112,36 @@ pub(crate) async fn brokers_ready() {
                 .expect("Redis must be running on 127.0.0.1:6379 (see .ci/run)");
             let _: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
             let listed = std::process::Command::new("rabbitmqctl")
-                .args(["list_queues", "-q", "--no-table-headers", "name"])
+                .args([
+                    "list_queues",
+                    "-q",
+                    "--no-table-headers",
+                    "name",
+                    "consumers",
+                ])
                 .output();
             if let Ok(out) = listed {
                 let channel = conn.create_channel().await.unwrap();
                 let mine = format!("e2e-{}-", run_id());
-                for name in String::from_utf8_lossy(&out.stdout).lines().map(str::trim) {
-                    if name.starts_with("e2e-") && !name.starts_with(&mine) {
+                // Only deployments nobody consumes from any more: another test run going on
+                // at the same time has consumers on its job queues.
+                let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+                let rows: Vec<(&str, &str)> = listing
+                    .lines()
+                    .filter_map(|l| {
+                        let mut cols = l.split_whitespace();
+                        Some((cols.next()?, cols.next()?))
+                    })
+                    .filter(|(name, _)| name.starts_with("e2e-") && !name.starts_with(&mine))
+                    .collect();
+                let prefix = |name: &str| name.split('.').next().unwrap_or(name).to_string();
+                let live: std::collections::HashSet<String> = rows
+                    .iter()
+                    .filter(|(_, consumers)| *consumers != "0")
+                    .map(|(name, _)| prefix(name))
+                    .collect();
+                for (name, _) in rows {
+                    if !live.contains(&prefix(name)) {
                         let _ = channel
                             .queue_delete(
                                 name.into(),
@@ -240,7 +273,10 @@ encoding_aes_key = "{WECOM_AES_KEY}"
 api_base = "{wx}"
 markdown = true
 welcome_text = "欢迎使用 AI 助手"
+
+{extra}
 "#,
+            extra = opts.extra,
             backends = {
                 let b = backend_toml(backend, &opts.queue, &opts.redis_url);
                 match &opts.amqp_url {
@@ -261,7 +297,8 @@ welcome_text = "欢迎使用 AI 助手"
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         let client = reqwest::Client::new();
         let ready = format!("http://{admin}/readyz");
-        let deadline = tokio::time::Instant::now() + WAIT;
+        // Declaring quorum queues is slow when many tests start apps at once.
+        let deadline = tokio::time::Instant::now() + 3 * WAIT;
         loop {
             let ok = client
                 .get(&ready)

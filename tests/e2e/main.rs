@@ -30,4 +30,5 @@ macro_rules! on_both_backends {
 mod brokers;
 mod dingtalk;
 mod helpers;
+mod notify;
 mod wecom;

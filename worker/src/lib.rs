@@ -161,6 +161,9 @@ impl fmt::Debug for Worker {
 struct Answer {
     text: String,
     markdown: bool,
+    /// Title for markdown; derived from the text when absent.
+    #[serde(default)]
+    title: Option<String>,
     /// Label for `parley_jobs_total{outcome}`.
     kind: String,
 }
@@ -387,6 +390,7 @@ impl Worker {
         let fixed = |text: &str, kind: &str| Answer {
             text: text.to_string(),
             markdown: false,
+            title: None,
             kind: kind.into(),
         };
         let text = match &job.content {
@@ -395,6 +399,18 @@ impl Worker {
                 return Ok(fixed(texts::UNSUPPORTED, "unsupported"));
             }
             Content::Fixed { text } => return Ok(fixed(text, "fixed")),
+            Content::Notice {
+                text,
+                markdown,
+                title,
+            } => {
+                return Ok(Answer {
+                    text: text.clone(),
+                    markdown: *markdown,
+                    title: title.clone(),
+                    kind: "notice".into(),
+                });
+            }
             Content::Text { text } => text.trim(),
         };
         let history_key = format!("history:{}", job.conversation_key);
@@ -447,6 +463,7 @@ impl Worker {
                 }
                 Ok(Answer {
                     markdown: looks_like_markdown(&c.text),
+                    title: None,
                     text: c.text,
                     kind: "answered".into(),
                 })
@@ -495,10 +512,10 @@ impl Worker {
             Ok(v) => v.and_then(|v| v.parse().ok()).unwrap_or(0),
             Err(_) => 0,
         };
-        let title = if answer.markdown {
-            markdown_title(&answer.text)
-        } else {
-            String::new()
+        let title = match (&answer.title, answer.markdown) {
+            (Some(t), _) => t.clone(),
+            (None, true) => markdown_title(&answer.text),
+            (None, false) => String::new(),
         };
         for (i, part) in parts.iter().enumerate().skip(done) {
             let message = OutgoingMessage {
