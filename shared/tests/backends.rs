@@ -7,14 +7,14 @@ use shared::cache::redis::RedisCache;
 use shared::cache::{Cache, CacheError};
 use shared::config::{CacheSettings, QueueSettings};
 use shared::job::{JOB_VERSION, Job};
-use shared::queue::amqp::{ATTEMPT_HEADER, AmqpQueue, REASON_HEADER};
+use shared::queue::amqp::{ATTEMPT_HEADER, AmqpQueue, REASON_HEADER, REBALANCE_EVERY, shard_of};
 use shared::queue::{Delivery, JobQueue, QueueError, Settlement};
 use shared::secret::Secret;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -34,13 +34,18 @@ fn require(service: &str, port: u16) {
 
 /// A group text job, written as JSON the way it travels.
 fn job(id: &str) -> Job {
+    job_in(id, "dingtalk:main:cid1")
+}
+
+/// A job of the conversation `conversation_key`.
+fn job_in(id: &str, conversation_key: &str) -> Job {
     serde_json::from_value(serde_json::json!({
         "v": JOB_VERSION,
         "id": id,
         "bot_id": "main",
         "platform": "dingtalk",
         "received_at_ms": 1,
-        "conversation_key": "dingtalk:main:cid1",
+        "conversation_key": conversation_key,
         "sender": { "id": "u1" },
         "content": { "type": "text", "text": "hi" },
         "reply": { "platform": "dingtalk", "group": true, "conversation_id": "cid1" },
@@ -55,6 +60,8 @@ fn job(id: &str) -> Job {
 struct Broker {
     queue: AmqpQueue,
     prefix: String,
+    settings: QueueSettings,
+    tiers: Vec<u64>,
     _cleanup: DeleteQueues,
 }
 
@@ -69,14 +76,24 @@ async fn broker_at(
     prefetch: u16,
     confirm_timeout_ms: u64,
 ) -> Broker {
-    require("RabbitMQ", 5672);
-    let prefix = unique(name);
     let settings = QueueSettings {
         url: Some(Secret::new(url)),
-        prefix: prefix.clone(),
         confirm_timeout_ms,
         ..QueueSettings::default()
     };
+    broker_with(name, settings, tiers, prefetch).await
+}
+
+/// A broker with `settings` (its prefix is made unique).
+async fn broker_with(
+    name: &str,
+    mut settings: QueueSettings,
+    tiers: &[u64],
+    prefetch: u16,
+) -> Broker {
+    require("RabbitMQ", 5672);
+    let prefix = unique(name);
+    settings.prefix = prefix.clone();
     let queue = AmqpQueue::start_with_tiers(&settings, prefetch, tiers).unwrap();
     let cleanup = DeleteQueues(queue.queue_names());
     assert!(
@@ -86,13 +103,39 @@ async fn broker_at(
     Broker {
         queue,
         prefix,
+        settings,
+        tiers: tiers.to_vec(),
         _cleanup: cleanup,
+    }
+}
+
+/// `shards` shard queues on the local broker.
+fn sharded(shards: u16) -> QueueSettings {
+    QueueSettings {
+        url: Some(Secret::new(AMQP_URL)),
+        shards,
+        ..QueueSettings::default()
     }
 }
 
 impl Broker {
     fn name(&self, suffix: &str) -> String {
         format!("{}.{suffix}", self.prefix)
+    }
+
+    /// The shard queue of conversation `key`.
+    fn shard(&self, key: &str) -> String {
+        self.name(&format!("jobs.{}", shard_of(key, self.settings.shards)))
+    }
+
+    /// Another worker process of the same deployment.
+    async fn another(&self, prefetch: u16) -> AmqpQueue {
+        let queue = AmqpQueue::start_with_tiers(&self.settings, prefetch, &self.tiers).unwrap();
+        assert!(
+            queue.wait_ready(WAIT).await,
+            "the other queue did not connect"
+        );
+        queue
     }
 
     /// Closes the connection first, so nothing re-declares the queues being deleted.
@@ -155,6 +198,28 @@ async fn raw_channel() -> lapin::Result<(lapin::Connection, lapin::Channel)> {
     let conn = lapin::Connection::connect(AMQP_URL, Default::default()).await?;
     let ch = conn.create_channel().await?;
     Ok((conn, ch))
+}
+
+/// Deletes `queue` from under a running test.
+async fn delete_queue(queue: &str) {
+    let (conn, ch) = raw_channel().await.unwrap();
+    ch.queue_delete(queue.into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Messages ready in `queue` (a passive declare: works on single-active-consumer queues,
+/// which refuse `basic.get`).
+async fn depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), passive, Default::default())
+        .await
+        .expect("the queue exists")
+        .message_count()
 }
 
 /// Waits for one message on `queue`, taken with `basic.get` and left unacked.
@@ -269,7 +334,13 @@ async fn amqp_topology_and_message_properties_are_what_the_broker_needs() {
         .unwrap();
     // The retry copy waits in the 60 s tier: persistent JSON, id, next attempt.
     let (conn, ch) = raw_channel().await.unwrap();
-    let m = raw_get(&ch, &b.name("retry.60s")).await;
+    let m = raw_get(&ch, &b.name("delay.60s")).await;
+    // Published to the tier's exchange with the shard as routing key: where it returns.
+    assert_eq!(m.delivery.exchange.as_str(), b.name("delay.60s"));
+    assert_eq!(
+        m.delivery.routing_key.as_str(),
+        b.shard("dingtalk:main:cid1")
+    );
     let p = &m.delivery.properties;
     assert_eq!(*p.delivery_mode(), Some(2));
     assert_eq!(
@@ -313,29 +384,81 @@ async fn amqp_topology_and_message_properties_are_what_the_broker_needs() {
     };
     let long = |n: i64| (serde_json::json!("long"), serde_json::json!(n));
     let text = |s: &str| (serde_json::json!("longstr"), serde_json::json!(s));
-    let jobs = queue("jobs");
-    assert_eq!(
-        (&jobs["type"], &jobs["durable"]),
-        (&"quorum".into(), &true.into())
+    for i in 0..b.settings.shards {
+        let jobs = queue(&format!("jobs.{i}"));
+        assert_eq!(
+            (&jobs["type"], &jobs["durable"]),
+            (&"quorum".into(), &true.into())
+        );
+        assert_eq!(arg(&jobs, "x-delivery-limit"), long(20));
+        assert_eq!(arg(&jobs, "x-dead-letter-exchange"), text(""));
+        assert_eq!(
+            arg(&jobs, "x-dead-letter-routing-key"),
+            text(&b.name("dead"))
+        );
+        assert_eq!(arg(&jobs, "x-dead-letter-strategy"), text("at-least-once"));
+        assert_eq!(arg(&jobs, "x-overflow"), text("reject-publish"));
+        assert_eq!(
+            arg(&jobs, "x-single-active-consumer"),
+            (serde_json::json!("bool"), serde_json::json!(true))
+        );
+    }
+    assert!(
+        !rows.iter().any(|r| r["name"] == b.name("jobs").as_str()),
+        "the unsharded jobs queue is not declared any more"
     );
-    assert_eq!(arg(&jobs, "x-delivery-limit"), long(20));
-    assert_eq!(arg(&jobs, "x-dead-letter-exchange"), text(""));
-    assert_eq!(
-        arg(&jobs, "x-dead-letter-routing-key"),
-        text(&b.name("dead"))
-    );
-    assert_eq!(arg(&jobs, "x-dead-letter-strategy"), text("at-least-once"));
-    assert_eq!(arg(&jobs, "x-overflow"), text("reject-publish"));
-    let retry = queue("retry.60s");
+    let retry = queue("delay.60s");
     assert_eq!(retry["type"], "quorum");
     assert_eq!(arg(&retry, "x-message-ttl"), long(60_000));
-    assert_eq!(
-        arg(&retry, "x-dead-letter-routing-key"),
-        text(&b.name("jobs"))
+    assert_eq!(arg(&retry, "x-dead-letter-exchange"), text(""));
+    assert!(
+        !retry["arguments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a[0] == "x-dead-letter-routing-key"),
+        "an expired retry must keep its own routing key: {retry}"
     );
-    let dead = queue("dead");
-    assert_eq!(dead["type"], "classic");
-    assert_eq!(dead["durable"], true);
+    for suffix in ["dead", "workers"] {
+        let classic = queue(suffix);
+        assert_eq!(classic["type"], "classic");
+        assert_eq!(classic["durable"], true);
+    }
+    // The tier's fanout exchange, bound to its queue.
+    let exchanges = rabbitmqctl(&[
+        "-q",
+        "list_exchanges",
+        "name",
+        "type",
+        "durable",
+        "auto_delete",
+        "--formatter",
+        "json",
+    ]);
+    let exchanges: Vec<serde_json::Value> = serde_json::from_str(&exchanges).unwrap();
+    let tier = exchanges
+        .iter()
+        .find(|e| e["name"] == b.name("delay.60s").as_str())
+        .expect("the tier exchange");
+    assert_eq!(
+        (&tier["type"], &tier["durable"], &tier["auto_delete"]),
+        (&"fanout".into(), &true.into(), &true.into())
+    );
+    let bindings = rabbitmqctl(&[
+        "-q",
+        "list_bindings",
+        "source_name",
+        "destination_name",
+        "--formatter",
+        "json",
+    ]);
+    let bindings: Vec<serde_json::Value> = serde_json::from_str(&bindings).unwrap();
+    assert!(
+        bindings
+            .iter()
+            .any(|r| r["source_name"] == b.name("delay.60s").as_str()
+                && r["destination_name"] == b.name("delay.60s").as_str())
+    );
     b.finish().await;
 }
 
@@ -394,7 +517,7 @@ async fn amqp_undecodable_payload_is_dead_lettered_and_never_delivered() {
     ch.confirm_select(Default::default()).await.unwrap();
     ch.basic_publish(
         "".into(),
-        b.name("jobs").as_str().into(),
+        b.shard("dingtalk:main:cid1").as_str().into(),
         Default::default(),
         b"\x00not a job{",
         lapin::BasicProperties::default().with_message_id("garbage-1".into()),
@@ -429,20 +552,16 @@ async fn amqp_undecodable_payload_is_dead_lettered_and_never_delivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn amqp_unroutable_retry_fails_and_the_delivery_comes_back() {
+async fn amqp_unroutable_dead_letter_fails_and_the_delivery_comes_back() {
     let b = broker("unroutable", &[1], 4).await;
-    // The tier queue disappears under the running queue: nothing would take the retry.
-    let (conn, ch) = raw_channel().await.unwrap();
-    ch.queue_delete(b.name("retry.1s").as_str().into(), Default::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "done".into()).await;
+    // The dead queue disappears under the running queue: nothing would take the letter.
+    delete_queue(&b.name("dead")).await;
     b.queue.publish(&job("u")).await.unwrap();
     let err = b
         .next()
         .await
-        .settle(Settlement::Retry {
-            delay: Duration::from_secs(1),
+        .settle(Settlement::DeadLetter {
+            reason: "poison".into(),
         })
         .await
         .unwrap_err();
@@ -452,6 +571,276 @@ async fn amqp_unroutable_retry_fails_and_the_delivery_comes_back() {
     );
     // Acked by the broker but returned: not settled, so the job is back, same attempt.
     b.ack_next("u", 1).await;
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_deleted_tier_fails_the_retry_and_the_queue_heals_by_redeclaring() {
+    let b = broker("heal", &[1], 4).await;
+    // Deleting the tier queue also removes its (auto-delete) exchange.
+    delete_queue(&b.name("delay.1s")).await;
+    b.queue.publish(&job("h")).await.unwrap();
+    let retry = Settlement::Retry {
+        delay: Duration::from_secs(1),
+    };
+    assert!(b.next().await.settle(retry.clone()).await.is_err());
+    // The publish channel failed, so the queue reconnected and declared both again; the job
+    // came back (same attempt), and now its retry works.
+    let d = b.next().await;
+    assert_eq!((d.job.id.as_str(), d.attempt), ("h", 1));
+    d.settle(retry).await.unwrap();
+    b.ack_next("h", 2).await;
+    b.finish().await;
+}
+
+/// A conversation key whose shard (of `shards`) is `shard`.
+fn key_in_shard(shard: u16, shards: u16, tag: &str) -> String {
+    (0..)
+        .map(|i| format!("dingtalk:main:{tag}-{i}"))
+        .find(|k| shard_of(k, shards) == shard)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_retries_and_replays_go_back_to_the_jobs_own_shard() {
+    let b = broker_with("shardroute", sharded(4), &[1], 4).await;
+    // Not the first shard, so no default route could find it by chance.
+    let key = key_in_shard(3, 4, "route");
+    let shards: Vec<String> = (0..4).map(|i| b.name(&format!("jobs.{i}"))).collect();
+    let (conn, ch) = raw_channel().await.unwrap();
+    let only_in_shard_3 = || async {
+        let mut depths = Vec::new();
+        for shard in &shards {
+            depths.push(depth(&ch, shard).await);
+        }
+        depths == [0, 0, 0, 1]
+    };
+
+    b.queue.publish(&job_in("r", &key)).await.unwrap();
+    let d = b.next().await;
+    d.settle(Settlement::Retry {
+        delay: Duration::from_secs(1),
+    })
+    .await
+    .unwrap();
+    // Nobody consumes now: where the retry lands after its delay is where it stays.
+    b.queue.close().await;
+    let deadline = Instant::now() + WAIT;
+    while !only_in_shard_3().await {
+        assert!(
+            Instant::now() < deadline,
+            "the retry never came back to shard 3"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let worker = b.another(4).await;
+    let d = tokio::time::timeout(WAIT, worker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((d.job.id.as_str(), d.attempt), ("r", 2));
+    d.settle(Settlement::DeadLetter {
+        reason: "poison".into(),
+    })
+    .await
+    .unwrap();
+    worker.close().await;
+    let publisher = AmqpQueue::publisher(&b.settings, &b.tiers).unwrap();
+    assert!(publisher.wait_ready(WAIT).await);
+    assert_eq!(publisher.replay_dead_letters(None).await.unwrap(), 1);
+    assert!(only_in_shard_3().await, "the replayed job is in its shard");
+    publisher.close().await;
+    let _ = conn.close(200, "done".into()).await;
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_deliveries_dropped_together_come_back_in_their_order() {
+    let b = broker("dropped-order", &[1], 8).await;
+    let key = "dingtalk:main:one";
+    for i in 0..5 {
+        b.queue
+            .publish(&job_in(&format!("o{i}"), key))
+            .await
+            .unwrap();
+    }
+    let mut taken = Vec::new();
+    for i in 0..5 {
+        let d = b.next().await;
+        assert_eq!(d.job.id, format!("o{i}"));
+        taken.push(d);
+    }
+    // A stopping worker drops its unstarted jobs in whatever order its tasks end.
+    while let Some(d) = taken.pop() {
+        drop(d);
+    }
+    for i in 0..5 {
+        let d = b.next().await;
+        assert_eq!((d.job.id.clone(), d.attempt), (format!("o{i}"), 1));
+        d.settle(Settlement::Ack).await.unwrap();
+    }
+    b.finish().await;
+}
+
+/// What a test worker did: when, which worker, job id, conversation key.
+type WorkLog = Arc<Mutex<Vec<(Instant, usize, String, String)>>>;
+
+/// Takes deliveries from `queue` as worker `w` until the task is aborted: logs each after
+/// `work` and acks it.
+fn logging_worker(
+    queue: AmqpQueue,
+    w: usize,
+    work: Duration,
+    log: WorkLog,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok(d) = queue.next().await else { return };
+            tokio::time::sleep(work).await;
+            let entry = (
+                Instant::now(),
+                w,
+                d.job.id.clone(),
+                d.job.conversation_key.clone(),
+            );
+            log.lock().unwrap().push(entry);
+            d.settle(Settlement::Ack).await.unwrap();
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_shards_are_spread_over_workers_with_one_active_consumer_each() {
+    let b = broker_with("spread", sharded(6), &[1], 4).await;
+    let queues = [b.queue.clone(), b.another(4).await, b.another(4).await];
+    let keys: Vec<String> = (0..6).map(|s| key_in_shard(s, 6, "spread")).collect();
+    let log: WorkLog = Arc::default();
+    let workers: Vec<_> = queues
+        .iter()
+        .enumerate()
+        .map(|(w, q)| logging_worker(q.clone(), w, Duration::ZERO, log.clone()))
+        .collect();
+    // Traffic on every shard; after a few rebalancing rounds each of the 3 workers works
+    // at most ceil(6 / 3) = 2 shards, and every shard is worked by exactly one of them.
+    let deadline = Instant::now() + 10 * REBALANCE_EVERY + WAIT;
+    let mut n = 0;
+    let balanced = loop {
+        for key in &keys {
+            b.queue
+                .publish(&job_in(&format!("j{n}"), key))
+                .await
+                .unwrap();
+            n += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let window = Instant::now() - Duration::from_millis(1500);
+        let mut by_worker: HashMap<usize, BTreeSet<u16>> = HashMap::new();
+        for (at, w, _, key) in log.lock().unwrap().iter() {
+            if *at >= window {
+                by_worker.entry(*w).or_default().insert(shard_of(key, 6));
+            }
+        }
+        let sizes: Vec<usize> = by_worker.values().map(BTreeSet::len).collect();
+        if by_worker.len() == 3 && sizes.iter().all(|&k| k <= 2) && sizes.iter().sum::<usize>() == 6
+        {
+            break by_worker;
+        }
+        if Instant::now() > deadline {
+            panic!("never balanced; last window: {by_worker:?}");
+        }
+    };
+    // The broker agrees: three consumers per shard, one of them active.
+    let listed = rabbitmqctl(&[
+        "-q",
+        "list_consumers",
+        "queue_name",
+        "active",
+        "--formatter",
+        "json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    for i in 0..6 {
+        let shard = b.name(&format!("jobs.{i}"));
+        let mine: Vec<_> = rows
+            .iter()
+            .filter(|r| r["queue_name"] == shard.as_str())
+            .collect();
+        assert_eq!(mine.len(), 3, "{shard}: {mine:?}");
+        assert_eq!(
+            mine.iter().filter(|r| r["active"] == true).count(),
+            1,
+            "{shard}: {mine:?}"
+        );
+    }
+    eprintln!("balanced after {n} jobs: {balanced:?}");
+    for w in workers {
+        w.abort();
+    }
+    for q in &queues[1..] {
+        q.close().await;
+    }
+    b.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_handing_a_shard_over_keeps_each_conversations_order() {
+    let b = broker_with("handover", sharded(2), &[1], 8).await;
+    let keys = [key_in_shard(0, 2, "ho"), key_in_shard(1, 2, "ho")];
+    let log: WorkLog = Arc::default();
+    let work = Duration::from_millis(20);
+    let first = logging_worker(b.queue.clone(), 0, work, log.clone());
+    // Faster than one worker can go, so jobs are queued, prefetched and in flight when
+    // the second worker arrives and one shard is handed over to it.
+    const PER_CONVERSATION: usize = 150;
+    let publisher = {
+        let queue = b.queue.clone();
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            for seq in 0..PER_CONVERSATION {
+                for (c, key) in keys.iter().enumerate() {
+                    queue
+                        .publish(&job_in(&format!("c{c}-{seq}"), key))
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = b.another(8).await;
+    let second = logging_worker(other.clone(), 1, work, log.clone());
+    publisher.await.unwrap();
+    let deadline = Instant::now() + 4 * WAIT;
+    while log.lock().unwrap().len() < 2 * PER_CONVERSATION {
+        assert!(
+            Instant::now() < deadline,
+            "only {} answered",
+            log.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 2 * PER_CONVERSATION, "nothing twice");
+    for c in 0..2 {
+        let seqs: Vec<usize> = log
+            .iter()
+            .filter_map(|(_, _, id, _)| id.strip_prefix(&format!("c{c}-")))
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..PER_CONVERSATION).collect::<Vec<_>>(),
+            "conversation {c}"
+        );
+    }
+    let by_second = log.iter().filter(|(_, w, _, _)| *w == 1).count();
+    assert!(by_second > 0, "the second worker never got a shard");
+    first.abort();
+    second.abort();
+    other.close().await;
     b.finish().await;
 }
 
@@ -831,8 +1220,8 @@ async fn seam_rate(queue: &AmqpQueue) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: cargo test -p parley-shared --release --test backends -- --ignored --nocapture"]
 async fn amqp_publish_rate_is_at_least_70_percent_of_a_bare_lapin_loop() {
-    let b = broker("bench", &[1], 1).await;
-    let jobs = b.name("jobs");
+    let b = broker_with("bench", sharded(1), &[1], 1).await;
+    let jobs = b.name("jobs.0");
     let sequential = bare_lapin_rate(&jobs, 1).await;
     let pipelined = bare_lapin_rate(&jobs, BENCH_CONCURRENCY).await;
     let seam = seam_rate(&b.queue).await;

@@ -382,3 +382,66 @@ async fn redis_restart_is_survived_without_restarting_parley() {
         .unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+const CONVERSATIONS: usize = 20;
+
+/// Sends messages `turns` of each of [`CONVERSATIONS`] group chats, each conversation's
+/// back-to-back (each callback acknowledged before the next is sent); then checks that
+/// every conversation got exactly its answers so far, the last ones being
+/// "Echo: msg k (turn k)" for k in `turns`, in order: a wrong turn number means the answer
+/// was made without the earlier ones in its history.
+async fn answer_turns(app: &TestApp, turns: std::ops::RangeInclusive<usize>) {
+    for c in 0..CONVERSATIONS {
+        for k in turns.clone() {
+            let spec = app.spec(
+                &format!("ord-{c}-{k}"),
+                &format!("cid-ord-{c}"),
+                ConversationType::Group,
+                &format!("msg {k}"),
+            );
+            assert_eq!(app.send(&spec).await.status(), 200);
+        }
+    }
+    let total = CONVERSATIONS * turns.end();
+    assert_eq!(app.dingtalk.wait_for(total, LONG_WAIT).await.len(), total);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut by = HashMap::<String, Vec<String>>::new();
+    for r in app.dingtalk.sent() {
+        by.entry(r.conversation_id.unwrap_or_default())
+            .or_default()
+            .push(r.content);
+    }
+    assert_eq!(by.len(), CONVERSATIONS, "{by:?}");
+    let expected: Vec<String> = turns
+        .clone()
+        .map(|k| format!("Echo: msg {k} (turn {k})"))
+        .collect();
+    for c in 0..CONVERSATIONS {
+        let got = &by[&format!("cid-ord-{c}")];
+        assert_eq!(got.len(), *turns.end(), "cid-ord-{c}: {got:#?}");
+        assert_eq!(got[turns.start() - 1..], expected, "cid-ord-{c}: {got:#?}");
+    }
+}
+
+#[tokio::test]
+async fn three_workers_answer_each_conversation_in_order_with_its_history() {
+    let app = TestApp::spawn_opts(Options {
+        // Eight shards over three workers: each works two or three.
+        queue: "shards = 8".into(),
+        ..brokers(Roles::Ingress)
+    })
+    .await;
+    app.llm.set_latency(Duration::from_millis(75));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(app.extra_worker().await);
+    }
+    // Right after start: the shards are still moving between the workers.
+    answer_turns(&app, 1..=5).await;
+    // Once the shards are spread over the three workers, the next turns see all of them.
+    tokio::time::sleep(2 * shared::queue::amqp::REBALANCE_EVERY + Duration::from_secs(1)).await;
+    answer_turns(&app, 6..=10).await;
+    for w in workers {
+        w.stop().await;
+    }
+}

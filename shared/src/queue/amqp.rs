@@ -1,25 +1,58 @@
 //! The RabbitMQ backend of the job-queue seam, on lapin 4.
 //!
 //! **Topology** (every name starts with `[queue].prefix`, declared idempotently on every
-//! connect): `{prefix}.jobs` is a durable *quorum* queue — replicated, so a job the ingress
-//! was told is safe survives the loss of a broker node, and it counts redeliveries, so a
-//! message that keeps killing its consumer is dead-lettered by the broker after
-//! [`DELIVERY_LIMIT`] instead of looping forever. The limit and the dead-letter target are set
-//! explicitly because RabbitMQ 3.10 has no default limit while 3.13/4.x default to 20, and
-//! dead-lettering is `at-least-once` (which needs `x-overflow: reject-publish`) so nothing is
-//! dropped on the way. Delayed retries use one quorum queue per delay tier,
-//! `{prefix}.retry.{secs}s`, with a queue-wide `x-message-ttl` that dead-letters back into the
-//! jobs queue: the delayed-message plugin is often unavailable, and a queue expires messages
-//! only from its head, so mixing delays in one queue would hold short delays behind long
-//! ones. Given-up jobs go to `{prefix}.dead`, a durable *classic* queue: it is read by
-//! `basic.get` and put back by requeueing, which keeps a classic queue's order and never
-//! trips a delivery limit, whereas a quorum queue would reorder it and (on 4.x) eventually
-//! drop a letter that was merely listed twenty times.
+//! connect). Jobs live in `[queue].shards` (N) *shard queues* `{prefix}.jobs.0` …
+//! `{prefix}.jobs.{N-1}`: durable *quorum* queues — replicated, so a job the ingress was told
+//! is safe survives the loss of a broker node, and counting redeliveries, so a message that
+//! keeps killing its consumer is dead-lettered by the broker after [`DELIVERY_LIMIT`] instead
+//! of looping forever — with *single active consumer* (see **Order**). The limit and the
+//! dead-letter target are set explicitly because RabbitMQ 3.10 has no default limit while
+//! 3.13/4.x default to 20, and dead-lettering is `at-least-once` (which needs
+//! `x-overflow: reject-publish`) so nothing is dropped on the way. Delayed retries use one
+//! quorum queue per delay tier, `{prefix}.delay.{secs}s`, with a queue-wide `x-message-ttl`,
+//! fed by a fanout exchange of the same name: a retry is published to the tier's exchange
+//! *with its shard queue's name as routing key*, and the tier queue dead-letters expired
+//! messages to the default exchange *without* `x-dead-letter-routing-key`, so the broker
+//! routes each one by the key it was published with — back into its own shard. (The
+//! delayed-message plugin is often unavailable, and a queue expires messages only from its
+//! head, so mixing delays in one queue would hold short delays behind long ones.) The tier
+//! exchanges are auto-delete: deleting a tier queue also removes its exchange, so a retry
+//! then fails loudly, the connection starts over and re-declares both. Given-up jobs go to
+//! `{prefix}.dead`, a durable *classic* queue: it is read by `basic.get` and put back by
+//! requeueing, which keeps a classic queue's order and never trips a delivery limit, whereas
+//! a quorum queue would reorder it and (on 4.x) eventually drop a letter that was merely
+//! listed twenty times. `{prefix}.workers` is an always-empty classic queue every consuming
+//! process subscribes to: its consumer count is the number of workers, used to balance shards.
 //!
 //! **Messages** are persistent JSON with `message_id` = job id and the attempt number in the
 //! [`ATTEMPT_HEADER`] header; a retry or a dead letter is a *new* message (published with a
 //! confirm, then the original is acked), never a broker dead-letter cycle, so the attempt
 //! count is ours and the broker's cycle detection never drops a retry.
+//!
+//! **Order.** The publisher puts a job in shard [`shard_of`]`(job.conversation_key)`, a fixed
+//! hash, so all messages of a conversation line up in one queue in the order the ingress got
+//! them confirmed. Every worker subscribes to every shard (one channel and consumer each,
+//! `basic.qos` = the worker's concurrency), and single active consumer lets the broker feed a
+//! shard to one of them at a time; inside the process the worker runs a conversation's jobs
+//! one after another in delivery order, each after its predecessor wrote the history. Shards
+//! are spread over workers: the broker makes the *first* subscriber of a queue its active
+//! consumer, so the first worker up would otherwise work every shard while the others only
+//! stand by. Each worker therefore counts the workers (`{prefix}.workers`) and the shards it
+//! knows it is active on (a consumer that got a delivery is active until its channel closes),
+//! and every [`REBALANCE_EVERY`] hands shards above `ceil(N / workers)` over: it stops taking
+//! that shard's deliveries, lets those it already took finish, then *closes the shard's
+//! channel* — the broker returns what was still unacked to the head of the queue before it
+//! activates the next waiting consumer — and subscribes again at the back of the line. (A
+//! `basic.cancel` would not do: RabbitMQ 3.10 activates the next consumer at once, while the
+//! cancelled one still holds unacked jobs, and they come back after newer ones.) A returned
+//! job counts one delivery toward the limit. At most N workers are busy at once.
+//! What order does *not* survive: a job settled as a retry leaves its line and comes back at
+//! its tail after the delay, so later messages of the conversation are answered first (and
+//! without its answer in their history); replayed dead letters go to the tail as well. When a
+//! worker crashes, its shards go to another worker with their unacked jobs first, in order;
+//! but a worker that loses only its connection (a network partition) may still be finishing
+//! jobs the broker already handed to the next worker — the answered-marker keeps those from
+//! being answered twice, their order is not guaranteed.
 //!
 //! **Publishing** waits for the publisher confirm, at most `confirm_timeout_ms`. Every publish
 //! is `mandatory`: a message no queue took is confirmed with an *ack plus a returned message*,
@@ -28,10 +61,10 @@
 //! serialised (lapin numbers a publish before it queues its frames, and two tasks racing
 //! there would get each other's confirms), never the wait for the confirm.
 //!
-//! **Consuming**: one consumer with `basic.qos` = the worker's concurrency feeds a bounded
-//! channel, so [`JobQueue::next`] is cancel-safe. A payload that is not a job is moved to the
-//! dead letters at once (and acked); a delivery dropped unsettled is nacked with requeue,
-//! as the embedded queue pushes it back.
+//! **Consuming**: the shard consumers feed one bounded channel, so [`JobQueue::next`] is
+//! cancel-safe. A payload that is not a job is moved to the dead letters at once (and
+//! acked); a delivery dropped unsettled is nacked with requeue, as the embedded queue pushes
+//! it back.
 //!
 //! **Connection**: a supervisor task connects with jittered exponential backoff (so start-up
 //! never fails because the broker is down), declares the topology, and after any loss of the
@@ -39,11 +72,24 @@
 //! false in between (and while the broker blocks publishers); a 10 s heartbeat (unless the
 //! URL sets one) notices a peer that vanished without closing the socket. Deliveries taken before a
 //! reconnect cannot be acked any more: settling them fails, the broker delivers them again,
-//! and the worker's answered-marker absorbs the repeat. The URL is a secret: it and its
-//! password are scrubbed from every message this module logs or returns.
+//! and the worker's answered-marker absorbs the repeat. A connection is closed *before* its
+//! consumers are dropped (dropping one sends `basic.cancel`, see above). The URL is a secret:
+//! it and its password are scrubbed from every message this module logs or returns.
+//!
+//! **Upgrading** from the single `{prefix}.jobs` queue: RabbitMQ refuses to re-declare a
+//! queue with other arguments, so this layout uses new names only (`{prefix}.jobs.{i}`,
+//! `{prefix}.delay.{secs}s`, `{prefix}.workers`) and never touches the old `{prefix}.jobs`
+//! and `{prefix}.retry.{secs}s`, which no new process reads. Either drain them first (stop
+//! the old ingresses, let old workers empty `{prefix}.jobs` and the retry queues, which
+//! dead-letter into it, then deploy), or move what is left into `{prefix}.dead` (e.g. a
+//! shovel or the management UI's "move messages") and run `parley dlq replay --all`, which
+//! puts each job into its shard; then delete the old queues. Changing `shards` later moves
+//! conversations between shards: do it with the ingresses stopped and the shards drained
+//! (shard queues above the new N are no longer read), or accept that messages of a
+//! conversation in flight during the change may be answered out of order.
 
 use super::{DeadLetter, Delivery, JobQueue, QueueError, RETRY_TIERS_SECS, Settle, Settlement};
-use crate::config::{ConfigError, QueueSettings};
+use crate::config::{ConfigError, MAX_SHARDS, QueueSettings};
 use crate::job::Job;
 use crate::secret::Secret;
 use async_trait::async_trait;
@@ -51,22 +97,23 @@ use futures::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{
     Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
-    Event,
+    Event, ExchangeKind,
 };
 use rand::Rng;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// Header with the attempt number of a job message: 1 for the first delivery, +1 per retry.
@@ -75,9 +122,13 @@ pub const ATTEMPT_HEADER: &str = "parley-attempt";
 pub const REASON_HEADER: &str = "parley-reason";
 /// Header of a dead letter: when it was given up (ms since epoch).
 pub const DEAD_AT_HEADER: &str = "parley-dead-at-ms";
-/// Deliveries of one message (redeliveries after crashes, shutdowns, reconnects) before the
-/// broker dead-letters it by itself. Retries do not count: each retry is a new message.
+/// Deliveries of one message (redeliveries after crashes, shutdowns, reconnects, shard
+/// hand-overs) before the broker dead-letters it by itself. Retries do not count: each retry
+/// is a new message.
 pub const DELIVERY_LIMIT: i64 = 20;
+/// How often a worker compares the shards it works with its fair share and hands extra ones
+/// over.
+pub const REBALANCE_EVERY: Duration = Duration::from_secs(2);
 
 /// Heartbeat asked for unless the URL sets one: a dead peer is noticed within ~2 × this.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
@@ -94,10 +145,42 @@ const HEALTH_TICK: Duration = Duration::from_millis(500);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest listing or replaying the dead letters may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest counting the workers may take; a slower answer skips that rebalancing round.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a shard being handed over looks whether its jobs have finished.
+const HAND_OVER_POLL: Duration = Duration::from_millis(20);
+/// Deliveries dropped unsettled within this long of each other go back in one batch, in
+/// the order they came.
+const RETURN_GATHER: Duration = Duration::from_millis(10);
 /// Reasons longer than this are cut (they travel in a header frame).
 const MAX_REASON_BYTES: usize = 1024;
 /// Queue names are AMQP short strings (255 bytes); leave room for the suffixes.
 const MAX_PREFIX_BYTES: usize = 200;
+
+/// The shard (`0..shards`) of a conversation: the 64-bit FNV-1a hash of the key's UTF-8
+/// bytes, mixed with MurmurHash3's `fmix64` finaliser (FNV-1a's low bits depend only on the
+/// low bits of the input bytes, and a small modulus reads little else), modulo `shards`.
+/// This is part of the wire contract: every process of a deployment, whatever its release,
+/// must compute the same shard, so it never changes (and never uses a per-process seed).
+pub fn shard_of(conversation_key: &str, shards: u16) -> u16 {
+    let h = fmix64(fnv1a64(conversation_key.as_bytes()));
+    // The remainder is below `shards`, so it fits.
+    (h % u64::from(shards.max(1))) as u16
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
 
 /// The RabbitMQ job queue; cheap to clone, all clones share one connection. The connection
 /// is closed when [`AmqpQueue::close`] is called or the last clone is dropped.
@@ -127,6 +210,8 @@ struct Inner {
     /// it will never work on.
     consume: bool,
     connection_name: String,
+    /// Random per instance; starts its consumer tags, so an operator can tell processes apart.
+    instance: String,
     scrub: Scrubber,
     /// The live connection, if any.
     link: RwLock<Option<Arc<Link>>>,
@@ -136,7 +221,7 @@ struct Inner {
     deliveries: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
 }
 
-/// One connection and its channels.
+/// One connection and its shared channels (each shard consumer has a channel of its own).
 struct Link {
     generation: u64,
     connection: Connection,
@@ -144,52 +229,117 @@ struct Link {
     publisher: Channel,
     /// Held while a publish hands its frames over (not while it waits for the confirm).
     publish_order: tokio::sync::Mutex<()>,
-    /// Declarations only.
+    /// Declarations, the presence subscription and counting the workers.
     admin: Channel,
-    /// The consumer of the jobs queue, with `basic.qos` = prefetch.
-    consumer: Channel,
 }
 
 impl Link {
     fn healthy(&self) -> bool {
         self.connection.status().connected()
-            && [&self.publisher, &self.admin, &self.consumer]
+            && [&self.publisher, &self.admin]
                 .iter()
                 .all(|c| c.status().connected())
     }
 }
 
-/// A decoded delivery on its way from the consumer task to [`JobQueue::next`].
+/// A decoded delivery on its way from a shard consumer to [`JobQueue::next`].
 struct Incoming {
     generation: u64,
     job: Job,
     attempt: u32,
+    /// Delivery tag: grows in delivery order on the shard's channel.
+    tag: u64,
     acker: Acker,
+    in_flight: InFlight,
 }
 
-/// Names of the queues of one deployment.
+/// This process's consumer of one shard queue, shared by its task, its deliveries and the
+/// rebalancer.
+struct ShardSlot {
+    index: usize,
+    queue: String,
+    /// Deliveries taken from the current consumer and not yet settled or dropped.
+    in_flight: AtomicUsize,
+    /// The current consumer got a delivery, so it is the shard's single active consumer (and
+    /// stays so until its channel closes).
+    active: AtomicBool,
+    /// Set by the rebalancer: hand the shard to the next waiting consumer.
+    releasing: AtomicBool,
+    wake: Notify,
+    /// Deliveries dropped unsettled, about to be returned (see [`return_dropped`]).
+    returns: Mutex<Vec<Dropped>>,
+}
+
+/// A delivery dropped unsettled, to be returned to its queue.
+struct Dropped {
+    tag: u64,
+    acker: Acker,
+    _in_flight: InFlight,
+}
+
+impl ShardSlot {
+    fn new(index: usize, queue: String) -> Self {
+        Self {
+            index,
+            queue,
+            in_flight: AtomicUsize::new(0),
+            active: AtomicBool::new(false),
+            releasing: AtomicBool::new(false),
+            wake: Notify::new(),
+            returns: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Counts a delivery in its shard's `in_flight` while it lives.
+struct InFlight(Arc<ShardSlot>);
+
+impl InFlight {
+    fn new(slot: &Arc<ShardSlot>) -> Self {
+        slot.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(slot.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Names of the queues (and tier exchanges) of one deployment.
 #[derive(Debug, Clone)]
 struct Topology {
-    jobs: String,
+    /// Shard queues, by shard number.
+    shards: Vec<String>,
     dead: String,
-    /// (delay in seconds, queue name), shortest first.
+    /// Presence queue: its consumer count is the number of workers.
+    workers: String,
+    /// (delay in seconds, name of the tier's queue and of its fanout exchange), shortest first.
     tiers: Vec<(u64, String)>,
 }
 
 impl Topology {
-    fn new(prefix: &str, tiers: &[u64]) -> Self {
+    fn new(prefix: &str, shards: u16, tiers: &[u64]) -> Self {
         Self {
-            jobs: format!("{prefix}.jobs"),
+            shards: (0..shards).map(|i| format!("{prefix}.jobs.{i}")).collect(),
             dead: format!("{prefix}.dead"),
+            workers: format!("{prefix}.workers"),
             tiers: tiers
                 .iter()
-                .map(|s| (*s, format!("{prefix}.retry.{s}s")))
+                .map(|s| (*s, format!("{prefix}.delay.{s}s")))
                 .collect(),
         }
     }
 
-    /// The retry queue for `delay`: the shortest tier at least as long, else the longest.
-    fn retry_queue(&self, delay: Duration) -> &str {
+    /// The shard queue of `job`.
+    fn shard_queue(&self, job: &Job) -> &str {
+        let n = u16::try_from(self.shards.len()).unwrap_or(u16::MAX);
+        &self.shards[usize::from(shard_of(&job.conversation_key, n))]
+    }
+
+    /// The retry tier for `delay`: the shortest at least as long, else the longest.
+    fn retry_tier(&self, delay: Duration) -> &str {
         let i = self
             .tiers
             .iter()
@@ -202,7 +352,8 @@ impl Topology {
 impl fmt::Debug for AmqpQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpQueue")
-            .field("jobs", &self.inner.topology.jobs)
+            .field("shards", &self.inner.topology.shards.len())
+            .field("instance", &self.inner.instance)
             .field("ready", &self.is_ready())
             .field("generation", &self.inner.generation.load(Ordering::Acquire))
             .finish_non_exhaustive()
@@ -214,7 +365,10 @@ impl AmqpQueue {
     /// once: the connection is made in the background, so a broker that is down at start is
     /// only a not-ready queue. `prefetch` is how many deliveries may be unsettled at once
     /// (the worker's `max_concurrency`). Needs a Tokio runtime. Fails only on settings that
-    /// can never work (no or malformed URL, bad prefix, zero prefetch).
+    /// can never work (no or malformed URL, bad prefix or shard count, zero prefetch).
+    /// A consuming queue subscribes to every shard, each with `prefetch` as its `basic.qos`
+    /// (a shard is this process's alone while it works it), and works the shards it is the
+    /// active consumer of.
     pub fn start(settings: &QueueSettings, prefetch: u16) -> Result<Self, ConfigError> {
         Self::start_with_tiers(settings, prefetch, &RETRY_TIERS_SECS)
     }
@@ -279,16 +433,23 @@ impl AmqpQueue {
                 "must be non-empty, positive and ascending".into(),
             ));
         }
+        if !(1..=MAX_SHARDS).contains(&settings.shards) {
+            return Err(invalid(
+                "shards",
+                format!("must be between 1 and {MAX_SHARDS}"),
+            ));
+        }
         if prefetch == 0 {
             return Err(invalid("prefetch", "must be at least 1".into()));
         }
         let (tx, rx) = mpsc::channel(usize::from(prefetch));
         let inner = Arc::new(Inner {
-            topology: Topology::new(prefix, tiers),
+            topology: Topology::new(prefix, settings.shards, tiers),
             confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
             prefetch,
             consume,
             connection_name: format!("parley {prefix}"),
+            instance: format!("{:08x}", rand::rng().random::<u32>()),
             scrub,
             link: RwLock::new(None),
             generation: AtomicU64::new(0),
@@ -333,22 +494,30 @@ impl AmqpQueue {
         }
     }
 
-    /// Every queue this instance declares: jobs, dead, then the retry tiers.
+    /// Every queue this instance declares: the shards in order, dead, workers, then the
+    /// retry tiers (each also names the tier's exchange, which goes away with its queue).
     pub fn queue_names(&self) -> Vec<String> {
         let t = &self.inner.topology;
-        [t.jobs.clone(), t.dead.clone()]
-            .into_iter()
-            .chain(t.tiers.iter().map(|(_, name)| name.clone()))
+        t.shards
+            .iter()
+            .chain([&t.dead, &t.workers])
+            .chain(t.tiers.iter().map(|(_, name)| name))
+            .cloned()
             .collect()
+    }
+
+    /// The shard queue a job goes to.
+    pub fn shard_queue(&self, job: &Job) -> &str {
+        self.inner.topology.shard_queue(job)
     }
 }
 
 #[async_trait]
 impl JobQueue for AmqpQueue {
     async fn publish(&self, job: &Job) -> Result<(), QueueError> {
-        let jobs = &self.inner.topology.jobs;
+        let shard = self.inner.topology.shard_queue(job);
         self.inner
-            .publish_confirmed(jobs, &job.to_bytes(), job_properties(&job.id, 1))
+            .publish_confirmed("", shard, &job.to_bytes(), job_properties(&job.id, 1))
             .await
     }
 
@@ -363,8 +532,10 @@ impl JobQueue for AmqpQueue {
             let settler = AmqpSettle {
                 inner: self.inner.clone(),
                 generation: incoming.generation,
+                tag: incoming.tag,
                 acker: incoming.acker,
                 settled: false,
+                in_flight: Some(incoming.in_flight),
             };
             if incoming.generation != self.inner.generation.load(Ordering::Acquire) {
                 // Taken on a connection that is gone: the broker delivers it again.
@@ -419,9 +590,11 @@ impl JobQueue for AmqpQueue {
                     continue;
                 }
                 // Publish first, then ack: a crash in between replays twice, never zero times.
+                // Into the job's shard (at its tail), like a new message of the conversation.
                 let properties = job_properties(&job.id, 1);
+                let shard = inner.topology.shard_queue(&job);
                 inner
-                    .publish_confirmed(&inner.topology.jobs, &delivery.data, properties)
+                    .publish_confirmed("", shard, &delivery.data, properties)
                     .await?;
                 ack(&delivery.acker, &inner.scrub).await?;
                 replayed += 1;
@@ -510,11 +683,13 @@ impl Inner {
         })
     }
 
-    /// Publishes to `queue` through the default exchange and waits for the confirm, at most
-    /// `confirm_timeout`. Ok only for an ack without a returned message.
+    /// Publishes to `exchange` (`""`: the default exchange, which routes to the queue named
+    /// `routing_key`) and waits for the confirm, at most `confirm_timeout`. Ok only for an
+    /// ack without a returned message.
     async fn publish_confirmed(
         &self,
-        queue: &str,
+        exchange: &str,
+        routing_key: &str,
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), QueueError> {
@@ -524,8 +699,8 @@ impl Inner {
                 let _order = link.publish_order.lock().await;
                 link.publisher
                     .basic_publish(
-                        ShortString::from(""),
-                        queue.into(),
+                        exchange.into(),
+                        routing_key.into(),
                         BasicPublishOptions {
                             mandatory: true,
                             immediate: false,
@@ -543,22 +718,32 @@ impl Inner {
         let confirmation = tokio::time::timeout(self.confirm_timeout, confirmed)
             .await
             .map_err(|_| QueueError::ConfirmTimeout)??;
+        let target = || {
+            if exchange.is_empty() {
+                routing_key.to_string()
+            } else {
+                format!("exchange {exchange} (key {routing_key})")
+            }
+        };
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => {
                 let returned_id = returned.delivery.properties.message_id().clone();
                 tracing::warn!(
-                    queue,
+                    target = %target(),
                     returned_id = ?returned_id.as_ref().map(ShortString::as_str),
                     "the broker returned a message: no queue took it"
                 );
                 Err(QueueError::Unavailable(format!(
-                    "the broker could not route the message to {queue} ({} {})",
-                    returned.reply_code, returned.reply_text
+                    "the broker could not route the message to {} ({} {})",
+                    target(),
+                    returned.reply_code,
+                    returned.reply_text
                 )))
             }
             Confirmation::Nack(_) => Err(QueueError::Unavailable(format!(
-                "the broker refused the message for {queue} (nack)"
+                "the broker refused the message for {} (nack)",
+                target()
             ))),
             Confirmation::NotRequested => Err(QueueError::Unavailable(
                 "publisher confirms are not enabled on the channel".into(),
@@ -572,8 +757,11 @@ impl Inner {
 struct AmqpSettle {
     inner: Arc<Inner>,
     generation: u64,
+    tag: u64,
     acker: Acker,
     settled: bool,
+    /// Keeps the shard from being handed over until this delivery is settled or returned.
+    in_flight: Option<InFlight>,
 }
 
 #[async_trait]
@@ -591,17 +779,20 @@ impl Settle for AmqpSettle {
         match settlement {
             Settlement::Ack => {}
             Settlement::Retry { delay } => {
-                let queue = inner.topology.retry_queue(delay);
+                // Through the tier's exchange, keyed by the shard the job returns to.
+                let tier = inner.topology.retry_tier(delay);
+                let shard = inner.topology.shard_queue(job);
                 let properties = job_properties(&job.id, attempt.saturating_add(1));
                 inner
-                    .publish_confirmed(queue, &job.to_bytes(), properties)
+                    .publish_confirmed(tier, shard, &job.to_bytes(), properties)
                     .await?;
             }
             Settlement::DeadLetter { reason } => {
                 let headers = dead_headers(attempt, &reason, crate::now_ms());
                 let properties = message_properties(Some(&job.id), JSON, headers);
+                let dead = &inner.topology.dead;
                 inner
-                    .publish_confirmed(&inner.topology.dead, &job.to_bytes(), properties)
+                    .publish_confirmed("", dead, &job.to_bytes(), properties)
                     .await?;
             }
         }
@@ -618,18 +809,44 @@ impl Drop for AmqpSettle {
         if self.settled || !self.acker.usable() {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let acker = self.acker.clone();
-            runtime.spawn(async move {
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                if let Err(e) = acker.nack(requeue).await {
-                    // The channel is going away: the broker requeues it anyway.
-                    tracing::debug!(error = %e, "could not return an unsettled delivery");
-                }
+        let (Ok(runtime), Some(in_flight)) =
+            (tokio::runtime::Handle::try_current(), self.in_flight.take())
+        else {
+            return;
+        };
+        let slot = in_flight.0.clone();
+        let first = {
+            let mut returns = slot.returns.lock().unwrap_or_else(PoisonError::into_inner);
+            returns.push(Dropped {
+                tag: self.tag,
+                acker: self.acker.clone(),
+                _in_flight: in_flight,
             });
+            returns.len() == 1
+        };
+        if first {
+            runtime.spawn(return_dropped(slot));
+        }
+    }
+}
+
+/// Returns the deliveries of a shard dropped unsettled, in the order they were delivered: a
+/// worker that stops drops its unstarted jobs all at once in no particular order, and the
+/// broker puts returned messages back in the order it gets them, which must be the order
+/// of the conversation.
+async fn return_dropped(slot: Arc<ShardSlot>) {
+    tokio::time::sleep(RETURN_GATHER).await;
+    let mut batch =
+        std::mem::take(&mut *slot.returns.lock().unwrap_or_else(PoisonError::into_inner));
+    batch.sort_by_key(|d| d.tag);
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    for dropped in batch {
+        if let Err(e) = dropped.acker.nack(requeue).await {
+            // The channel is going away: the broker requeues it anyway.
+            tracing::debug!(error = %e, "could not return an unsettled delivery");
         }
     }
 }
@@ -731,11 +948,18 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.8..1.2))
 }
 
-/// A live connection with its consumer task.
+/// A live connection with its shard consumers.
 struct Session {
     link: Arc<Link>,
     events: futures::stream::BoxStream<'static, Event>,
-    forward: JoinHandle<String>,
+    /// This process's consumer of each shard; empty when publish-only.
+    shards: Vec<Arc<ShardSlot>>,
+    /// One task per shard; one that ends means the connection is no longer usable.
+    consumers: JoinSet<ShardLost>,
+    /// Consumers of shard tasks that ended, kept until the connection is closed.
+    parked: Vec<Consumer>,
+    /// The subscription to the presence queue that makes this process count as a worker.
+    presence: Option<Consumer>,
 }
 
 /// Connects, declares the topology, opens the channels, installs the link and starts
@@ -755,10 +979,26 @@ async fn open(
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let consumer = connection.create_channel().await?;
-    consumer
-        .basic_qos(inner.prefetch, BasicQosOptions::default())
-        .await?;
+    let presence = if inner.consume {
+        let tag = format!("parley-{}-presence", inner.instance);
+        let options = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        let workers = inner.topology.workers.as_str();
+        match admin
+            .basic_consume(workers.into(), tag.into(), options, FieldTable::default())
+            .await
+        {
+            Ok(consumer) => Some(consumer),
+            Err(e) => {
+                let _ = connection.close(200, "bye".into()).await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let generation = inner.generation.load(Ordering::Acquire) + 1;
     let link = Arc::new(Link {
         generation,
@@ -766,49 +1006,39 @@ async fn open(
         publisher,
         publish_order: tokio::sync::Mutex::new(()),
         admin,
-        consumer,
     });
     // Installed before consuming, so no delivery of this connection is ever taken for stale.
     inner.install(link.clone());
-    if !inner.consume {
-        // Publish-only: the session ends only with the connection.
-        let forward = tokio::spawn(std::future::pending::<String>());
-        return Ok(Session {
-            link,
-            events,
-            forward,
-        });
-    }
-    let tag = format!("parley-{:016x}", rand::rng().random::<u64>());
-    let stream = match link
-        .consumer
-        .basic_consume(
-            inner.topology.jobs.as_str().into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    {
-        Ok(stream) => stream,
-        Err(e) => {
-            inner.uninstall();
-            close_connection(&link).await;
-            return Err(e);
-        }
-    };
-    let forward = tokio::spawn(forward(inner.clone(), stream, tx.clone(), generation));
-    Ok(Session {
+    let mut session = Session {
         link,
         events,
-        forward,
-    })
+        shards: Vec::new(),
+        consumers: JoinSet::new(),
+        parked: Vec::new(),
+        presence,
+    };
+    if inner.consume {
+        for (index, queue) in inner.topology.shards.iter().enumerate() {
+            let slot = Arc::new(ShardSlot::new(index, queue.clone()));
+            session.shards.push(slot.clone());
+            let task = work_shard(inner.clone(), session.link.clone(), slot, tx.clone());
+            session.consumers.spawn(task);
+        }
+    }
+    Ok(session)
 }
 
 impl Session {
-    /// Waits until the connection is lost (`Some(reason)`) or `stop` fires (`None`).
+    /// Waits until the connection is lost (`Some(reason)`) or `stop` fires (`None`);
+    /// rebalances the shards meanwhile.
     async fn run(&mut self, inner: &Inner, stop: &CancellationToken) -> Option<String> {
         let mut tick = tokio::time::interval(HEALTH_TICK);
+        let mut balance_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + REBALANCE_EVERY,
+            REBALANCE_EVERY,
+        );
+        balance_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let consuming = !self.shards.is_empty();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return None,
@@ -825,25 +1055,111 @@ impl Session {
                     Some(_) => {}
                     None => return Some("connection events ended".into()),
                 },
-                ended = &mut self.forward => {
-                    return Some(ended.unwrap_or_else(|e| format!("consumer task failed: {e}")));
+                ended = self.consumers.join_next(), if consuming => {
+                    return Some(match ended {
+                        Some(Ok(lost)) => {
+                            self.parked.extend(lost.consumer);
+                            lost.reason
+                        }
+                        Some(Err(e)) => format!("a shard consumer task failed: {e}"),
+                        None => "no shard consumers left".into(),
+                    });
+                }
+                message = next_presence(&mut self.presence) => {
+                    if message.is_none() {
+                        return Some("the broker cancelled the presence subscription".into());
+                    }
                 }
                 _ = tick.tick() => {
                     if !self.link.healthy() {
                         return Some("the connection or one of its channels closed".into());
                     }
                 }
+                _ = balance_tick.tick(), if consuming => {
+                    if let Err(reason) = rebalance(inner, &self.link, &self.shards).await {
+                        return Some(reason);
+                    }
+                }
             }
         }
     }
+}
 
-    /// Marks the queue not ready and closes the connection (which requeues its unacked
-    /// deliveries).
-    async fn end(self, inner: &Inner) {
-        inner.uninstall();
-        self.forward.abort();
-        close_connection(&self.link).await;
+/// Hands over the shards this process works beyond its fair share.
+async fn rebalance(inner: &Inner, link: &Link, shards: &[Arc<ShardSlot>]) -> Result<(), String> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let workers = inner.topology.workers.as_str();
+    let count = link
+        .admin
+        .queue_declare(workers.into(), passive, FieldTable::default());
+    let workers = match tokio::time::timeout(COUNT_TIMEOUT, count).await {
+        Ok(Ok(queue)) => queue.consumer_count(),
+        Ok(Err(e)) => return Err(format!("counting the workers: {e}")),
+        Err(_) => return Ok(()),
+    };
+    let held: Vec<(usize, usize)> = shards
+        .iter()
+        .filter(|s| s.active.load(Ordering::Acquire) && !s.releasing.load(Ordering::Acquire))
+        .map(|s| (s.index, s.in_flight.load(Ordering::Acquire)))
+        .collect();
+    let release = shards_to_release(&held, shards.len(), workers);
+    if !release.is_empty() {
+        tracing::info!(
+            workers,
+            working = held.len(),
+            handing_over = ?release,
+            "handing shards over to other workers"
+        );
     }
+    for index in release {
+        let slot = &shards[index];
+        slot.releasing.store(true, Ordering::Release);
+        slot.wake.notify_one();
+    }
+    Ok(())
+}
+
+impl Session {
+    /// Marks the queue not ready and closes the connection, which returns its unacked
+    /// deliveries; only then drops the consumers (dropping a live one would cancel it, and
+    /// the next worker would get newer jobs before those returned).
+    async fn end(mut self, inner: &Inner) {
+        inner.uninstall();
+        close_connection(&self.link).await;
+        self.consumers.shutdown().await;
+        self.parked.clear();
+        drop(self.presence.take());
+    }
+}
+
+/// The next message of the presence subscription (there should be none); pending forever
+/// when there is no subscription. `None` when the broker cancelled it.
+async fn next_presence(presence: &mut Option<Consumer>) -> Option<()> {
+    match presence {
+        Some(consumer) => consumer.next().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Which of the `held` shards (index, deliveries in flight) to hand over so that this
+/// process works at most `ceil(shards / workers)`; the least busy first, so the hand-over
+/// waits for as little as possible.
+fn shards_to_release(held: &[(usize, usize)], shards: usize, workers: u32) -> Vec<usize> {
+    let workers = usize::try_from(workers.max(1)).unwrap_or(usize::MAX);
+    let share = shards.div_ceil(workers);
+    if held.len() <= share {
+        return Vec::new();
+    }
+    let mut by_load = held.to_vec();
+    by_load.sort_by_key(|&(index, in_flight)| (in_flight, index));
+    by_load
+        .into_iter()
+        .take(held.len() - share)
+        .map(|(index, _)| index)
+        .collect()
 }
 
 async fn close_connection(link: &Link) {
@@ -853,39 +1169,158 @@ async fn close_connection(link: &Link) {
     }
 }
 
-/// Declares every queue; idempotent while the arguments stay the same.
+/// Declares every queue, tier exchange and binding; idempotent while the arguments stay
+/// the same.
 async fn declare(channel: &Channel, t: &Topology) -> lapin::Result<()> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
     channel
-        .queue_declare(t.dead.as_str().into(), durable, dead_arguments())
+        .queue_declare(t.dead.as_str().into(), durable, classic_arguments())
         .await?;
     channel
-        .queue_declare(t.jobs.as_str().into(), durable, jobs_arguments(&t.dead))
+        .queue_declare(t.workers.as_str().into(), durable, classic_arguments())
         .await?;
+    for shard in &t.shards {
+        channel
+            .queue_declare(shard.as_str().into(), durable, shard_arguments(&t.dead))
+            .await?;
+    }
+    let exchange = ExchangeDeclareOptions {
+        durable: true,
+        auto_delete: true,
+        ..ExchangeDeclareOptions::default()
+    };
     for (secs, name) in &t.tiers {
-        let arguments = retry_arguments(Duration::from_secs(*secs), &t.jobs);
+        channel
+            .exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Fanout,
+                exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        let arguments = retry_arguments(Duration::from_secs(*secs));
         channel
             .queue_declare(name.as_str().into(), durable, arguments)
+            .await?;
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                name.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
     }
     Ok(())
 }
 
-/// Decodes deliveries into the bounded channel; buries what does not decode.
-async fn forward(
+/// Why a shard task ended, with its consumer if it still has one: dropping a live consumer
+/// cancels it, so the session drops it only after closing the connection.
+struct ShardLost {
+    reason: String,
+    consumer: Option<Consumer>,
+}
+
+/// This process's consumer of one shard, until the connection is lost: feeds its
+/// deliveries to the queue's channel and, when the rebalancer asks, hands the shard over
+/// and subscribes again at the back of the line.
+async fn work_shard(
     inner: Arc<Inner>,
-    mut stream: Consumer,
+    link: Arc<Link>,
+    slot: Arc<ShardSlot>,
     tx: mpsc::Sender<Incoming>,
-    generation: u64,
-) -> String {
-    while let Some(next) = stream.next().await {
-        let delivery = match next {
-            Ok(delivery) => delivery,
-            Err(e) => return format!("consumer failed: {e}"),
+) -> ShardLost {
+    let lost = |reason: String, consumer| ShardLost { reason, consumer };
+    loop {
+        let (channel, mut stream) = match subscribe(&inner, &link, &slot).await {
+            Ok(subscribed) => subscribed,
+            Err(e) => return lost(format!("subscribing to {}: {e}", slot.queue), None),
         };
+        if let Some(why) = forward(&inner, &mut stream, &tx, link.generation, &slot).await {
+            return lost(why, Some(stream));
+        }
+        // Handing over: what this process took must finish first, then closing the channel
+        // returns the rest to the head of the queue before the next consumer is activated.
+        while slot.in_flight.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(HAND_OVER_POLL).await;
+        }
+        let closing = channel.close(200, "handing the shard over".into());
+        let why = match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("closing the channel of {}: {e}", slot.queue)),
+            Err(_) => Some(format!("closing the channel of {} timed out", slot.queue)),
+        };
+        if let Some(why) = why {
+            return lost(why, Some(stream));
+        }
+        drop(stream);
+        slot.active.store(false, Ordering::Release);
+        slot.releasing.store(false, Ordering::Release);
+        tracing::debug!(shard = %slot.queue, "handed the shard over");
+    }
+}
+
+/// Opens a channel with `basic.qos` = prefetch and subscribes to the slot's shard.
+async fn subscribe(
+    inner: &Inner,
+    link: &Link,
+    slot: &ShardSlot,
+) -> lapin::Result<(Channel, Consumer)> {
+    let channel = link.connection.create_channel().await?;
+    channel
+        .basic_qos(inner.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!(
+        "parley-{}-{}-{:08x}",
+        inner.instance,
+        slot.index,
+        rand::rng().random::<u32>()
+    );
+    let stream = channel
+        .basic_consume(
+            slot.queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, stream))
+}
+
+/// Decodes deliveries into the bounded channel and buries what does not decode, until the
+/// shard is to be handed over (`None`) or the consumer ends (`Some(why)`).
+async fn forward(
+    inner: &Arc<Inner>,
+    stream: &mut Consumer,
+    tx: &mpsc::Sender<Incoming>,
+    generation: u64,
+    slot: &Arc<ShardSlot>,
+) -> Option<String> {
+    loop {
+        if slot.releasing.load(Ordering::Acquire) {
+            return None;
+        }
+        let next = tokio::select! {
+            biased;
+            _ = slot.wake.notified() => continue,
+            next = stream.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => return Some(format!("consumer of {} failed: {e}", slot.queue)),
+            None => {
+                return Some(format!(
+                    "the broker cancelled the consumer of {}",
+                    slot.queue
+                ));
+            }
+        };
+        slot.active.store(true, Ordering::Release);
+        let in_flight = InFlight::new(slot);
         let attempt = attempt_of(&delivery.properties);
         match Job::from_bytes(&delivery.data) {
             Ok(job) => {
@@ -893,23 +1328,24 @@ async fn forward(
                     generation,
                     job,
                     attempt,
+                    tag: delivery.delivery_tag,
                     acker: delivery.acker,
+                    in_flight,
                 };
                 if tx.send(incoming).await.is_err() {
-                    return "the queue was closed".into();
+                    return Some("the queue was closed".into());
                 }
             }
             Err(e) => {
-                tokio::spawn(bury(inner.clone(), delivery, e.to_string()));
+                tokio::spawn(bury(inner.clone(), delivery, e.to_string(), in_flight));
             }
         }
     }
-    "the broker cancelled the consumer".into()
 }
 
 /// Moves an undecodable message to the dead letters, then acks it. If that fails it goes
 /// back to the queue after a pause; the delivery limit bounds how often.
-async fn bury(inner: Arc<Inner>, delivery: AmqpDelivery, problem: String) {
+async fn bury(inner: Arc<Inner>, delivery: AmqpDelivery, problem: String, _in_flight: InFlight) {
     let p = &delivery.properties;
     let message_id = p.message_id().as_ref().map(|id| id.as_str().to_string());
     let reason = format!("undecodable job: {problem}");
@@ -921,7 +1357,7 @@ async fn bury(inner: Arc<Inner>, delivery: AmqpDelivery, problem: String) {
     let headers = dead_headers(attempt_of(p), &reason, crate::now_ms());
     let properties = message_properties(message_id.as_deref(), &content_type, headers);
     match inner
-        .publish_confirmed(&inner.topology.dead, &delivery.data, properties)
+        .publish_confirmed("", &inner.topology.dead, &delivery.data, properties)
         .await
     {
         Ok(()) => {
@@ -959,32 +1395,37 @@ fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
     t
 }
 
-/// Arguments every quorum queue here shares: dead-letter to `target` through the default
-/// exchange, at least once (which needs `reject-publish` overflow).
-fn quorum_arguments(target: &str) -> Vec<(&'static str, AMQPValue)> {
+/// Arguments every quorum queue here shares: dead-letter through the default exchange, at
+/// least once (which needs `reject-publish` overflow).
+fn quorum_arguments() -> Vec<(&'static str, AMQPValue)> {
     vec![
         ("x-queue-type", text("quorum")),
         ("x-dead-letter-exchange", text("")),
-        ("x-dead-letter-routing-key", text(target)),
         ("x-dead-letter-strategy", text("at-least-once")),
         ("x-overflow", text("reject-publish")),
     ]
 }
 
-fn jobs_arguments(dead: &str) -> FieldTable {
-    let mut args = quorum_arguments(dead);
+/// A shard: one active consumer at a time; dead-letters to `dead` after the delivery limit.
+fn shard_arguments(dead: &str) -> FieldTable {
+    let mut args = quorum_arguments();
+    args.push(("x-dead-letter-routing-key", text(dead)));
     args.push(("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)));
+    args.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
     table(args)
 }
 
-fn retry_arguments(delay: Duration, jobs: &str) -> FieldTable {
+/// A delay tier: expired messages are dead-lettered with the routing key they were
+/// published with (no `x-dead-letter-routing-key`), i.e. into their shard.
+fn retry_arguments(delay: Duration) -> FieldTable {
     let ttl_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-    let mut args = quorum_arguments(jobs);
+    let mut args = quorum_arguments();
     args.push(("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)));
     table(args)
 }
 
-fn dead_arguments() -> FieldTable {
+/// The dead and presence queues.
+fn classic_arguments() -> FieldTable {
     // Explicit, because a 4.x vhost may default new queues to quorum.
     table(vec![("x-queue-type", text("classic"))])
 }
@@ -1184,6 +1625,7 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn arg<'a>(t: &'a FieldTable, k: &str) -> &'a AMQPValue {
         t.inner()
@@ -1194,39 +1636,129 @@ mod tests {
     // The broker accepts malformed arguments silently, so their types are pinned here.
     #[test]
     fn queue_arguments_have_the_types_rabbitmq_expects() {
-        let jobs = jobs_arguments("p.dead");
-        assert_eq!(arg(&jobs, "x-queue-type"), &text("quorum"));
+        let shard = shard_arguments("p.dead");
+        assert_eq!(arg(&shard, "x-queue-type"), &text("quorum"));
         assert_eq!(
-            arg(&jobs, "x-delivery-limit"),
+            arg(&shard, "x-delivery-limit"),
             &AMQPValue::LongLongInt(DELIVERY_LIMIT)
         );
-        assert_eq!(arg(&jobs, "x-dead-letter-exchange"), &text(""));
-        assert_eq!(arg(&jobs, "x-dead-letter-routing-key"), &text("p.dead"));
-        assert_eq!(arg(&jobs, "x-dead-letter-strategy"), &text("at-least-once"));
-        assert_eq!(arg(&jobs, "x-overflow"), &text("reject-publish"));
-        assert_eq!(jobs.inner().len(), 6);
+        assert_eq!(arg(&shard, "x-dead-letter-exchange"), &text(""));
+        assert_eq!(arg(&shard, "x-dead-letter-routing-key"), &text("p.dead"));
+        assert_eq!(
+            arg(&shard, "x-dead-letter-strategy"),
+            &text("at-least-once")
+        );
+        assert_eq!(arg(&shard, "x-overflow"), &text("reject-publish"));
+        assert_eq!(
+            arg(&shard, "x-single-active-consumer"),
+            &AMQPValue::Boolean(true)
+        );
+        assert_eq!(shard.inner().len(), 7);
 
-        let retry = retry_arguments(Duration::from_secs(30), "p.jobs");
+        let retry = retry_arguments(Duration::from_secs(30));
         assert_eq!(
             arg(&retry, "x-message-ttl"),
             &AMQPValue::LongLongInt(30_000)
         );
-        assert_eq!(arg(&retry, "x-dead-letter-routing-key"), &text("p.jobs"));
+        assert_eq!(arg(&retry, "x-dead-letter-exchange"), &text(""));
+        // Without a dead-letter routing key, an expired retry keeps the key it was published
+        // with: its shard's name.
+        assert!(!retry.contains_key("x-dead-letter-routing-key"));
         assert!(!retry.contains_key("x-delivery-limit"));
+        assert_eq!(retry.inner().len(), 5);
 
-        assert_eq!(arg(&dead_arguments(), "x-queue-type"), &text("classic"));
+        assert_eq!(arg(&classic_arguments(), "x-queue-type"), &text("classic"));
     }
 
     #[test]
     fn retry_goes_to_the_shortest_tier_that_is_long_enough() {
-        let t = Topology::new("p", &[5, 30, 120, 600]);
-        let q = |secs| t.retry_queue(Duration::from_secs(secs)).to_string();
-        assert_eq!(q(0), "p.retry.5s");
-        assert_eq!(q(5), "p.retry.5s");
-        assert_eq!(q(6), "p.retry.30s");
-        assert_eq!(q(600), "p.retry.600s");
-        assert_eq!(q(3600), "p.retry.600s");
-        assert_eq!(t.retry_queue(Duration::from_millis(5001)), "p.retry.30s");
+        let t = Topology::new("p", 8, &[5, 30, 120, 600]);
+        let q = |secs| t.retry_tier(Duration::from_secs(secs)).to_string();
+        assert_eq!(q(0), "p.delay.5s");
+        assert_eq!(q(5), "p.delay.5s");
+        assert_eq!(q(6), "p.delay.30s");
+        assert_eq!(q(600), "p.delay.600s");
+        assert_eq!(q(3600), "p.delay.600s");
+        assert_eq!(t.retry_tier(Duration::from_millis(5001)), "p.delay.30s");
+    }
+
+    #[test]
+    fn shard_queues_are_numbered_and_a_job_goes_to_its_conversations_shard() {
+        let t = Topology::new("p", 3, &[5]);
+        assert_eq!(t.shards, ["p.jobs.0", "p.jobs.1", "p.jobs.2"]);
+        let mut job = crate::job::tests::sample_job("a", "hi");
+        job.conversation_key = "dingtalk:main:cid-1".into();
+        let expected = format!("p.jobs.{}", shard_of(&job.conversation_key, 3));
+        assert_eq!(t.shard_queue(&job), expected);
+    }
+
+    // The hash is a wire contract between processes of different releases: these values
+    // must never change.
+    #[test]
+    fn shard_function_is_fixed() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(fmix64(0), 0);
+        // Also computed by an independent implementation of the definition.
+        let pinned = [
+            ("", 8, 6),
+            ("dingtalk:main:cid-group-1==", 8, 2),
+            ("wecom:wx:zhangsan", 8, 2),
+            ("dingtalk:main:cid-group-1==", 256, 42),
+            ("wecom:wx:a", 8, 4),
+            ("wecom:wx:q", 8, 7),
+        ];
+        for (key, n, shard) in pinned {
+            assert_eq!(shard_of(key, n), shard, "shard_of({key:?}, {n})");
+        }
+        assert_eq!(shard_of("anything", 1), 0);
+        assert_eq!(shard_of("anything", 0), 0, "zero shards is treated as one");
+    }
+
+    #[test]
+    fn shard_function_spreads_similar_keys_evenly() {
+        for n in [2u16, 3, 8, 16] {
+            let mut counts = vec![0usize; usize::from(n)];
+            let keys = 800 * usize::from(n);
+            for i in 0..keys {
+                counts[usize::from(shard_of(&format!("dingtalk:main:cid-{i}"), n))] += 1;
+            }
+            // 800 expected per shard; ±15 % is more than 4 standard deviations.
+            assert!(
+                counts.iter().all(|c| (680..=920).contains(c)),
+                "{n} shards: {counts:?}"
+            );
+        }
+        // Keys that differ only in high bits of one character (FNV-1a alone would put all of
+        // these in one shard of 8).
+        let shards: HashSet<u16> = ["a", "i", "q", "y"]
+            .iter()
+            .map(|c| shard_of(&format!("wecom:wx:{c}"), 8))
+            .collect();
+        assert!(shards.len() > 1, "{shards:?}");
+    }
+
+    #[test]
+    fn a_worker_hands_over_what_exceeds_its_fair_share_least_busy_first() {
+        // (shard, deliveries in flight)
+        let held = [
+            (0, 5),
+            (1, 0),
+            (2, 3),
+            (3, 0),
+            (4, 1),
+            (5, 9),
+            (6, 2),
+            (7, 0),
+        ];
+        assert_eq!(shards_to_release(&held, 8, 1), Vec::<usize>::new());
+        assert_eq!(shards_to_release(&held, 8, 0), Vec::<usize>::new());
+        // 3 workers: at most ceil(8 / 3) = 3 each.
+        assert_eq!(shards_to_release(&held, 8, 3), [1, 3, 7, 4, 6]);
+        assert_eq!(shards_to_release(&held[..3], 8, 3), Vec::<usize>::new());
+        // More workers than shards: one each.
+        assert_eq!(shards_to_release(&held[..2], 8, 20), [1]);
     }
 
     #[test]
@@ -1285,6 +1817,9 @@ mod tests {
         assert_eq!(AmqpQueue::start(&s, 4).unwrap_err().key, "queue.prefix");
         s.prefix = "ok".into();
         assert_eq!(AmqpQueue::start(&s, 0).unwrap_err().key, "queue.prefetch");
+        s.shards = 0;
+        assert_eq!(AmqpQueue::start(&s, 1).unwrap_err().key, "queue.shards");
+        s.shards = 1;
         let err = AmqpQueue::start_with_tiers(&s, 1, &[5, 5]).unwrap_err();
         assert_eq!(err.key, "queue.retry_delays_secs");
     }
