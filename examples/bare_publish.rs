@@ -7,7 +7,7 @@
 //! ```
 //!
 //! It declares its own queue (a unique name unless `--queue` is given) with the arguments
-//! Parley's `{prefix}.jobs` queue has that matter to a publisher (quorum, `x-overflow:
+//! Parley's shard queues `{prefix}.jobs.{n}` have that matter to a publisher (quorum, `x-overflow:
 //! reject-publish`, `x-delivery-limit`), publishes through the default exchange with
 //! `mandatory` set (as Parley does), counts a publish only when the broker acked it and did not
 //! return it, and deletes the queue at the end. One line per `--in-flight` value:
@@ -260,7 +260,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-/// The job-queue arguments of Parley's `{prefix}.jobs` that a publisher meets.
+/// The job-queue arguments of Parley's shard queues `{prefix}.jobs.{n}` that a publisher meets.
 fn quorum_arguments() -> FieldTable {
     let mut t = FieldTable::default();
     t.insert(

@@ -412,7 +412,7 @@ async fn wecom_verify_url(
     })();
     match result {
         Ok(plain) => {
-            finish("wecom_verify", &bot_id, started, Ok(Accepted::Ignored));
+            record("wecom_verify", &bot_id, started, &Ok(Accepted::Ignored));
             tracing::info!(bot = %bot_id, "WeCom callback URL verified");
             plain.into_response()
         }

@@ -343,11 +343,13 @@ impl Worker {
                 reason: format!("no bot {} on {}", job.bot_id, job.platform.as_str()),
             };
         };
-        let answer = match self.answer(job).await {
+        let (answer, resumed) = match self.answer(job).await {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
-        let outcome = self.deliver(job, messenger.as_ref(), &answer).await;
+        let outcome = self
+            .deliver(job, messenger.as_ref(), &answer, resumed)
+            .await;
         if outcome == Outcome::Answered {
             let _ = cache.set(&answered_key, "1", JOB_STATE_TTL).await;
             let _ = cache.delete(&format!("answer:{}", job.id)).await;
@@ -371,19 +373,20 @@ impl Worker {
     }
 
     /// The answer for `job`: from the cache if an earlier attempt made it, else composed now.
-    async fn answer(&self, job: &Job) -> Result<Answer, Outcome> {
+    /// The answer, and whether it comes from an earlier attempt (which may have sent parts).
+    async fn answer(&self, job: &Job) -> Result<(Answer, bool), Outcome> {
         let key = format!("answer:{}", job.id);
         if let Ok(Some(saved)) = self.inner.cache.get(&key).await
             && let Ok(a) = serde_json::from_str::<Answer>(&saved)
         {
-            return Ok(a);
+            return Ok((a, true));
         }
         let answer = self.compose(job).await?;
         let saved = serde_json::to_string(&answer).expect("answers serialize");
         if let Err(e) = self.inner.cache.set(&key, &saved, JOB_STATE_TTL).await {
             tracing::warn!(error = %e, "could not save an answer; a retry would ask the model again");
         }
-        Ok(answer)
+        Ok((answer, false))
     }
 
     async fn compose(&self, job: &Job) -> Result<Answer, Outcome> {
@@ -505,12 +508,22 @@ impl Worker {
     }
 
     /// Sends the parts not yet sent, in order, recording progress after each.
-    async fn deliver(&self, job: &Job, messenger: &dyn Messenger, answer: &Answer) -> Outcome {
+    /// Only a `resumed` answer can have parts already sent, so only then is progress read.
+    async fn deliver(
+        &self,
+        job: &Job,
+        messenger: &dyn Messenger,
+        answer: &Answer,
+        resumed: bool,
+    ) -> Outcome {
         let parts = split(&answer.text, messenger.limit(answer.markdown));
         let progress_key = format!("progress:{}", job.id);
-        let done: usize = match self.inner.cache.get(&progress_key).await {
-            Ok(v) => v.and_then(|v| v.parse().ok()).unwrap_or(0),
-            Err(_) => 0,
+        let done: usize = match resumed {
+            true => match self.inner.cache.get(&progress_key).await {
+                Ok(v) => v.and_then(|v| v.parse().ok()).unwrap_or(0),
+                Err(_) => 0,
+            },
+            false => 0,
         };
         let title = match (&answer.title, answer.markdown) {
             (Some(t), _) => t.clone(),
