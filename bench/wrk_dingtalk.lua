@@ -1,5 +1,5 @@
 -- wrk script: signed DingTalk robot callbacks, each with a unique msgId (a repeated msgId
--- would measure the dedupe path). msgIds carry a per-run id, so a warm-up run against the
+-- would be a platform retry, which the worker drops). msgIds carry a per-run id, so a warm-up run against the
 -- same server never makes the measured run's callbacks duplicates. TIMESTAMP and SIGN come from the environment: the sign
 -- depends only on timestamp + secret, so one pair stays valid for an hour.
 local ts = os.getenv("TIMESTAMP")

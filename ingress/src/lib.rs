@@ -1,7 +1,7 @@
 //! Parley's HTTP ingress. It owns the public routes where platforms deliver callbacks: it
 //! reads the raw body under a size limit, verifies the platform's signature before parsing
-//! anything, turns the message into a [`Job`], drops platform retries by message id, and
-//! acknowledges only once the job queue has it — never waiting for the model. Every refusal
+//! anything, turns the message into a [`Job`] (keyed by the platform's message id, so the worker
+//! answers a platform retry once), and acknowledges only once the job queue has it — never waiting for the model. Every refusal
 //! is a short 4xx/5xx with a log line and a metric, and creates no job.
 
 use axum::Router;
@@ -239,15 +239,21 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, Rejection> {
     })
 }
 
-/// Queues `job` unless its message id was seen: the platform-independent tail of every
-/// callback route. The dedupe mark is removed again if the queue refuses, so the
-/// platform's retry is not mistaken for a duplicate of a message that was never queued.
+/// Queues `job`: the platform-independent tail of every callback route. A platform retry
+/// of a message already queued is queued again and dropped by the worker, whose answered
+/// marker is keyed by the same message id and which answers a conversation's jobs one
+/// after another, so the copy meets the marker of the first. Deduplicating here would
+/// put a cache round trip in front of every acknowledgement to catch the rare retry.
 pub async fn enqueue(state: &IngressState, job: &Job) -> Result<Accepted, Rejection> {
-    enqueue_on(state, state.inner.queue.as_ref(), job).await
+    state.inner.queue.publish(job).await?;
+    Ok(Accepted::Queued)
 }
 
-/// [`enqueue`] onto a given queue (notifications have a lane of their own).
-async fn enqueue_on(
+/// Queues `job` on `queue` unless its id was queued within the dedupe window: for requests
+/// whose caller is told about duplicates (a notification's `Idempotency-Key`). The mark is
+/// removed again if the queue refuses, so the caller's retry is not mistaken for a
+/// duplicate of a message that was never queued.
+async fn enqueue_once(
     state: &IngressState,
     queue: &dyn JobQueue,
     job: &Job,

@@ -4,7 +4,7 @@
 //! notification lane and answered `202 {"id": …}` at once. An `Idempotency-Key` header
 //! makes retries of one request deliver once.
 
-use super::{Accepted, IngressState, Rejection, enqueue_on, read_body, record, refusal};
+use super::{Accepted, IngressState, Rejection, enqueue_once, read_body, record, refusal};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -73,6 +73,6 @@ async fn handle(
         id.clone(),
         shared::now_ms(),
     )?;
-    let accepted = enqueue_on(state, queue.as_ref(), &job).await?;
+    let accepted = enqueue_once(state, queue.as_ref(), &job).await?;
     Ok((accepted, id))
 }

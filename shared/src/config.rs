@@ -135,7 +135,7 @@ pub struct ServerSettings {
     pub admin_listen: SocketAddr,
     /// Largest callback body accepted, in bytes. Default 65536.
     pub body_limit_bytes: usize,
-    /// How long a platform message id is remembered for dedupe, in seconds. Default 3600.
+    /// How long a notification's `Idempotency-Key` is remembered, in seconds. Default 3600.
     pub dedupe_ttl_secs: u64,
 }
 

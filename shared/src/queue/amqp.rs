@@ -227,8 +227,9 @@ struct Link {
     connection: Connection,
     /// Confirm-mode channel for every publish.
     publisher: Channel,
-    /// Held while a publish hands its frames over (not while it waits for the confirm).
-    publish_order: tokio::sync::Mutex<()>,
+    /// Held while a publish numbers itself and queues its frames: the first, synchronous
+    /// poll of `basic_publish` (never while the frames are written or the confirm awaited).
+    publish_order: Mutex<()>,
     /// Declarations, the presence subscription and counting the workers.
     admin: Channel,
 }
@@ -695,20 +696,31 @@ impl Inner {
     ) -> Result<(), QueueError> {
         let link = self.link()?;
         let confirmed = async {
-            let pending = {
-                let _order = link.publish_order.lock().await;
-                link.publisher
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            immediate: false,
-                        },
-                        payload,
-                        properties,
-                    )
-                    .await
+            let mut publish = std::pin::pin!(link.publisher.basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                payload,
+                properties,
+            ));
+            // lapin numbers a publish and queues its frames in the first poll, before its
+            // first await (the hand-over of the frames to its I/O thread): only that poll
+            // is serialised, so publishes from many tasks never wait for each other's
+            // frames to be written and the I/O thread writes them in batches.
+            let first = std::future::poll_fn(|cx| {
+                let _order = link
+                    .publish_order
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                std::task::Poll::Ready(publish.as_mut().poll(cx))
+            })
+            .await;
+            let pending = match first {
+                std::task::Poll::Ready(handed_over) => handed_over,
+                std::task::Poll::Pending => publish.await,
             }
             .map_err(|e| self.unavailable("publish", e))?;
             pending
@@ -1004,7 +1016,7 @@ async fn open(
         generation,
         connection,
         publisher,
-        publish_order: tokio::sync::Mutex::new(()),
+        publish_order: Mutex::new(()),
         admin,
     });
     // Installed before consuming, so no delivery of this connection is ever taken for stale.
