@@ -232,13 +232,17 @@ impl Application {
         let stopping = shutdown.clone();
         let queues: Vec<_> = self.backends.lanes().map(|l| l.queue.clone()).collect();
         let cache = self.backends.cache.clone();
-        let readiness = Readiness::default()
+        let mut readiness = Readiness::default()
             .with("shutting_down", Arc::new(move || !stopping.is_cancelled()))
             .with(
                 "queue",
                 Arc::new(move || queues.iter().all(|q| q.is_ready())),
-            )
-            .with("cache", Arc::new(move || cache.is_ready()));
+            );
+        // A chat callback needs only the queue: an ingress stays in its Service while the
+        // cache is down (a notification then gets its own 503), so chat keeps flowing.
+        if self.roles.worker() {
+            readiness = readiness.with("cache", Arc::new(move || cache.is_ready()));
+        }
         let admin_stop = CancellationToken::new();
         let admin = tokio::spawn(
             axum::serve(self.admin_listener, admin::router(readiness))

@@ -383,6 +383,43 @@ async fn redis_restart_is_survived_without_restarting_parley() {
     assert_eq!(ready.status(), 200);
 }
 
+#[tokio::test]
+async fn an_ingress_takes_chat_callbacks_while_redis_is_down() {
+    let mut redis = PrivateRedis::start().await;
+    let app = TestApp::spawn_opts(Options {
+        redis_url: format!("redis://127.0.0.1:{}/", redis.port),
+        ..brokers(Roles::Ingress)
+    })
+    .await;
+    redis.child.kill().unwrap();
+    redis.child.wait().unwrap();
+    // A chat callback needs only the broker: acknowledged, and the ingress stays ready.
+    assert_eq!(
+        app.send(&app.group("nr-1", "while redis is down"))
+            .await
+            .status(),
+        200
+    );
+    let ready = app
+        .client
+        .get(format!("http://{}/readyz", app.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    // Once Redis is back, a worker answers what the ingress queued meanwhile.
+    redis.child = PrivateRedis::start_on(redis.port);
+    redis.wait_up().await;
+    let worker = app.extra_worker().await;
+    let replies = app.dingtalk.wait_for(1, LONG_WAIT).await;
+    assert!(
+        replies[0].content.starts_with("Echo: while redis is down"),
+        "{}",
+        replies[0].content
+    );
+    worker.stop().await;
+}
+
 const CONVERSATIONS: usize = 20;
 
 /// Sends messages `turns` of each of [`CONVERSATIONS`] group chats, each conversation's
