@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Parley's distributed-mode figures (RabbitMQ + Redis), each beside its reference in the same run.
 #   bench/brokers.sh        all figures (about 4 minutes)
+#   SECTIONS="1" bench/brokers.sh   only the listed sections (1 ingress vs bare_publish,
+#                                   2 ack latency, 3 end to end)
+#   SHARDS=1 bench/brokers.sh       Parley's `[queue] shards` (default: the config default)
 # Pinning: Parley (ingress, workers) or the references on core 0; load generators, the CPU
 # sampler and the fake model on core 1. RabbitMQ and Redis are the machine's shared servers
 # and are NOT pinned: they run wherever the kernel puts them, and every figure says where
@@ -24,57 +27,22 @@ SECRET=bench-secret
 RUN_ID="bench-$(date +%s)-$$"
 PIDS=()
 
-# --- the brokers (shared with the tests: started if down, never stopped here)
-if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-  echo "starting redis"
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
-  for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
-fi
-# rabbitmqctl, never hanging the benchmark (it waits forever on a wedged broker).
-rmq() { timeout 60 rabbitmqctl "$@" </dev/null; }
-# Whether the broker answers the AMQP protocol header with a frame (connection.start): a
-# broker out of file handles accepts TCP connections but never answers.
-amqp_answers() {
-  timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "AMQP\0\0\11\1" >&3 && head -c 1 <&3 | grep -q .' 2>/dev/null
-}
-if ! timeout 5 bash -c '</dev/tcp/127.0.0.1/5672' 2>/dev/null; then
-  echo "starting rabbitmq"
-  rabbitmq-server -detached || true
-  rmq -q await_startup --timeout 60 >/dev/null
-fi
-if ! amqp_answers; then
-  echo "RabbitMQ on 127.0.0.1:5672 does not answer the AMQP handshake. If" >&2
-  echo "  rabbitmqctl eval 'file_handle_cache:info([total_limit,total_used]).'" >&2
-  echo "shows total_used at or above total_limit, it is out of file handles (too many queues for its" >&2
-  echo "ulimit -n): delete stale queues or raise the limit, then run this again." >&2
-  exit 1
-fi
+source bench/lib.sh
+ensure_brokers
 BEAM=$(pgrep -o -x beam.smp)
 REDIS=$(pgrep -o -x redis-server)
 
-drop_queues() { # every queue whose name contains $1
-  rmq list_queues -q --no-table-headers name 2>/dev/null | { grep -F -- "$1" || true; } |
-    while read -r q; do rmq -q delete_queue "$q" >/dev/null 2>&1 || true; done
-}
-drop_keys() { # every Redis key starting with $1
-  redis-cli -h 127.0.0.1 -p 6379 --scan --pattern "$1*" | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null
-}
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   drop_queues "$RUN_ID"
   drop_keys "$RUN_ID"
   local left
-  left=$(rmq list_queues -q --no-table-headers name 2>/dev/null | grep -cF -- "$RUN_ID" || true)
+  left=$(queues_left "$RUN_ID")
   [ "${left:-0}" = 0 ] || echo "warning: $left queue(s) named *$RUN_ID* are left in RabbitMQ" >&2
 }
 trap cleanup EXIT
 
-wait_http() { # [curl options] URL
-  for _ in $(seq 1 100); do curl -sf "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "timeout waiting for ${*: -1}" >&2; return 1
-}
-rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 jobs_held() { # messages in the job queue(s) `$1.jobs*`, or "unknown". RabbitMQ refreshes a
   # quorum queue's counts every few seconds, so read until two readings 6 s apart agree.
@@ -202,6 +170,7 @@ admin_listen = "127.0.0.1:18081"
 [queue]
 url = "$AMQP_URL"
 prefix = "$2"
+${SHARDS:+shards = $SHARDS}
 [cache]
 url = "$REDIS_URL"
 key_prefix = "$2"
@@ -226,7 +195,6 @@ start_role() { # $1 role, $2 config, $3 listen port, $4 admin port; sets ROLE_PI
   PIDS+=("$ROLE_PID")
   wait_http "http://127.0.0.1:$4/readyz"
 }
-cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$1/stat"; }
 per_k() { python3 -c "print(f'{($2-$1)/$3:.3f}')"; } # cpu before, after, thousands of messages
 
 TS=$(python3 -c 'import time; print(int(time.time()*1000))')
@@ -236,6 +204,10 @@ export TIMESTAMP=$TS SIGN
 echo "== load before: $(uptime)"
 echo "   RabbitMQ $(rmq version 2>/dev/null) (pid $BEAM) and Redis (pid $REDIS): unpinned, shared with the machine's other tenants"
 
+SECTIONS=${SECTIONS:-1 2 3}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+if want 1; then
 echo "== 1. Ingress with RabbitMQ confirms vs bare_publish (1 process, confirmed persistent 600-byte publishes to a quorum queue), A B A B"
 echo "   bare_publish: 64 in flight, 2 s warm-up + 10 s, core 0; parley ingress: core 0, wrk -t1 -c64 -d10s (2 s warm-up) on core 1"
 declare -a BARE_R PARLEY_R
@@ -259,18 +231,17 @@ for round in 1 2; do
   taskset -c 1 python3 "$WORK/cpuwin.py" 0 10 ingress="$INGRESS" rabbitmq="$BEAM" redis="$REDIS" wrk="$W" >"$WORK/cpu.out"
   wait "$W"
   C1=$(cpu_s "$INGRESS"); Q1=$(cpu_s "$BEAM")
-  DUPS=$(curl -sf http://127.0.0.1:18081/metrics | awk '/^parley_http_requests_total/ && /outcome="duplicate"/ {n += $NF} END {print n + 0}')
   RATE=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")
   REQS=$(awk '/requests in/ {print $1}' "$WORK/wrk.out")
   NON2XX=$(awk '/Non-2xx/ {n += $NF} END {print n + 0}' "$WORK/warm.out" "$WORK/wrk.out")
   SOCKERR=$(grep -h "Socket errors" "$WORK/warm.out" "$WORK/wrk.out" || true)
   PARLEY_R+=("$RATE")
-  echo "   round $round B: parley ingress $RATE req/s ($REQS requests, non-2xx $NON2XX${SOCKERR:+, $SOCKERR}, answered as duplicates $DUPS), p50/p99 latency $(awk '/^ +50%/ {a=$2} /^ +99%/ {b=$2} END {print a"/"b}' "$WORK/wrk.out" 2>/dev/null)"
+  echo "   round $round B: parley ingress $RATE req/s ($REQS requests, non-2xx $NON2XX${SOCKERR:+, $SOCKERR}), p50/p99 latency $(awk '/^ +50%/ {a=$2} /^ +99%/ {b=$2} END {print a"/"b}' "$WORK/wrk.out" 2>/dev/null)"
   echo "   ingress CPU $(per_k "$C0" "$C1" "$(python3 -c "print($REQS/1000)")") s, RabbitMQ CPU $(per_k "$Q0" "$Q1" "$(python3 -c "print($REQS/1000)")") s per 1,000 messages; ingress peak RSS $(rss_mb "$INGRESS") MB"
   cat "$WORK/cpu.out"
   stop "$INGRESS"
-  # 2xx answers that promised a queued job (a duplicate's 2xx publishes nothing)
-  ANSWERED=$(( $(awk '/requests in/ {n += $1} END {print n}' "$WORK/warm.out" "$WORK/wrk.out") - NON2XX - DUPS ))
+  # Every 2xx promised a queued job (the ingress queues a platform retry too; the worker drops it).
+  ANSWERED=$(( $(awk '/requests in/ {n += $1} END {print n}' "$WORK/warm.out" "$WORK/wrk.out") - NON2XX ))
   HELD=$(jobs_held "$PREFIX")
   # wrk does not count answers still on their way when it stops: up to 64 more may be held.
   if [ "$HELD" = unknown ]; then VERDICT="could not count (rabbitmqctl failed)"
@@ -291,12 +262,15 @@ b, p = v[:n], v[n:]
 print(f"   median: bare_publish (64 in flight) {st.median(b):.0f} msgs/s, parley ingress (c=64) {st.median(p):.0f} req/s, ratio {st.median(p)/st.median(b):.2f} (target >= 0.70)")
 PY
 
+fi
+
 # The fake model (1 s per answer) and fake DingTalk OpenAPI, on core 1.
 taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19100 --openai-listen 127.0.0.1:19200 \
   --app "bench-app:$SECRET" --api-key sk-bench --llm-latency-ms 1000 >"$WORK/sim.log" 2>&1 &
 PIDS+=($!)
 wait_http -H "Authorization: Bearer sk-bench" http://127.0.0.1:19200/v1/models
 
+if want 2; then
 echo "== 2. Ack latency at 1,000 req/s, open loop, 30 s: 1 ingress + 1 worker (both core 0), fake model at 1 s, replies awaited"
 # References on core 0 first: the bare axum server under the same generator (the floor of
 # generator + scheduling on this box) and bare_publish open loop at the same rate (the
@@ -337,6 +311,9 @@ echo "   ack p99 $(field "$WORK/lat.out" "f\"{r['ack_latency_ms']['p99']:.2f}\""
 drop_queues "$PREFIX"
 drop_keys "$PREFIX"
 
+fi
+
+if want 3; then
 echo "== 3. End to end: 2,000 conversations at once (2,000 callbacks in 1 s), 1 ingress + 2 workers (all core 0, max_concurrency 1500 each), fake model at 1 s"
 PREFIX="$RUN_ID-c"
 config "$WORK/c.toml" "$PREFIX" 1500
@@ -362,4 +339,5 @@ print(f"   all {r['sent']} answered once within 4,000 ms: {'yes' if ok else 'NO'
 PY
 drop_queues "$PREFIX"
 drop_keys "$PREFIX"
+fi
 echo "== load after: $(uptime)"

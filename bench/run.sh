@@ -14,12 +14,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-wait_http() { # [curl options] URL
-  for _ in $(seq 1 100); do curl -sf "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  echo "timeout waiting for ${*: -1}" >&2; return 1
-}
-rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
-cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$1/stat"; }
+source bench/lib.sh
 parley_usage() { # $1 pid, $2 its CPU seconds before the run, $3 thousands of messages in the run
   echo "   parley RSS peak $(rss_mb "$1") MB, CPU $(python3 -c "print(f'{($(cpu_s "$1")-$2)/$3:.3f}')") s per 1,000 messages (ingress + worker)"
 }
@@ -78,7 +73,7 @@ TOML
 }
 config "$WORK/full.toml" 1000000 2000
 # Ingress-only: the worker is paced to one model call a minute, so jobs stay queued and
-# the figure is the ingress path alone (verify, parse, dedupe, enqueue, ack).
+# the figure is the ingress path alone (verify, parse, enqueue, ack).
 config "$WORK/ingress.toml" 1 1
 # Section 4: the full pipeline plus a WeCom app (Tencent's sample keys) whose api_base is the
 # load generator's in-process fake WeCom, so its replies are counted too.

@@ -1,0 +1,48 @@
+# Helpers shared by the bench/ scripts; sourced, not run. Loopback only.
+
+# Waits until URL answers 2xx (10 s): wait_http [curl options] URL.
+wait_http() {
+  for _ in $(seq 1 100); do curl -sf "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "timeout waiting for ${*: -1}" >&2; return 1
+}
+rss_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+cpu_s() { awk '{printf "%.2f", ($14+$15)/100}' "/proc/$1/stat"; }
+
+# rabbitmqctl, never hanging the benchmark (it waits forever on a wedged broker).
+rmq() { timeout 60 rabbitmqctl "$@" </dev/null; }
+# Whether the broker answers the AMQP protocol header with a frame (connection.start): a
+# broker out of file handles accepts TCP connections but never answers.
+amqp_answers() {
+  timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "AMQP\0\0\11\1" >&3 && head -c 1 <&3 | grep -q .' 2>/dev/null
+}
+# RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379, started as .ci/run does if they
+# are down (and left running: they are shared with the tests).
+ensure_brokers() {
+  if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    echo "starting redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.2; done
+  fi
+  if ! timeout 5 bash -c '</dev/tcp/127.0.0.1/5672' 2>/dev/null; then
+    echo "starting rabbitmq"
+    rabbitmq-server -detached || true
+    rmq -q await_startup --timeout 60 >/dev/null
+  fi
+  if ! amqp_answers; then
+    echo "RabbitMQ on 127.0.0.1:5672 does not answer the AMQP handshake. If" >&2
+    echo "  rabbitmqctl eval 'file_handle_cache:info([total_limit,total_used]).'" >&2
+    echo "shows total_used at or above total_limit, it is out of file handles (too many queues for its" >&2
+    echo "ulimit -n): delete stale queues or raise the limit, then run this again." >&2
+    return 1
+  fi
+}
+drop_queues() { # every queue whose name contains $1
+  rmq list_queues -q --no-table-headers name 2>/dev/null | { grep -F -- "$1" || true; } |
+    while read -r q; do rmq -q delete_queue "$q" >/dev/null 2>&1 || true; done
+}
+drop_keys() { # every Redis key starting with $1
+  redis-cli -h 127.0.0.1 -p 6379 --scan --pattern "$1*" | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 del >/dev/null
+}
+queues_left() { # how many queues whose name contains $1 are left
+  rmq list_queues -q --no-table-headers name 2>/dev/null | grep -cF -- "$1" || true
+}
