@@ -2,13 +2,15 @@
 //! `parley demo` and `parley sim`.
 //!
 //! [`FakeDingTalk`] plays DingTalk's side (access tokens, robot sends, sessionWebhooks, signed
-//! callbacks), [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint, and [`run_load`] an
-//! open-loop callback generator for benchmarks. The fakes speak the wire formats of
+//! callbacks), [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint, [`FakeRobots`]
+//! the group-robot webhooks notifications go to, [`run_load`] an open-loop callback
+//! generator for benchmarks and [`run_notify_load`] a notification burst against fake robots. The fakes speak the wire formats of
 //! PROTOCOLS.md, record what they receive, accept scripted faults, bind port 0 in tests and
 //! start in milliseconds.
 
 pub mod dingtalk;
 pub mod load;
+pub mod notify_load;
 pub mod openai;
 pub mod record;
 pub mod robots;
@@ -23,6 +25,7 @@ pub use dingtalk::{
     CallbackSpec, ConversationType, FakeApp, FakeDingTalk, SentMessage, Via, send_callback,
 };
 pub use load::{LoadArgs, LoadReport, Percentiles, ReplyReport, run_load};
+pub use notify_load::{NotifyLoadArgs, NotifyLoadReport, RobotReport, run_notify_load};
 pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
 pub use robots::{FakeRobots, Refused, RobotKind, RobotMessage, max_in_any_window};
 pub use wecom::{FakeWecom, FakeWecomApp, WecomSent};
@@ -54,9 +57,21 @@ pub enum SimCommand {
         /// Every Nth model request gets a 500 (0 = never).
         #[arg(long, default_value_t = 0)]
         llm_fail_every: usize,
+        /// Listen address of the fake group robots (DingTalk custom robots, WeCom group
+        /// robots) that notification channels push into.
+        #[arg(long, default_value = "127.0.0.1:9300")]
+        robots_listen: SocketAddr,
+        /// A DingTalk custom robot as ACCESS_TOKEN or ACCESS_TOKEN:SEC… (signed) (repeatable).
+        #[arg(long = "dingtalk-robot", value_name = "TOKEN[:SECRET]")]
+        dingtalk_robots: Vec<String>,
+        /// A WeCom group robot by its webhook KEY (repeatable).
+        #[arg(long = "wecom-robot", value_name = "KEY")]
+        wecom_robots: Vec<String>,
     },
     /// Send signed callbacks at a fixed rate to an ingress and measure acks and replies.
     Load(LoadArgs),
+    /// Queue many notifications at once and measure how fast fake robots receive them.
+    NotifyLoad(NotifyLoadArgs),
 }
 
 /// Runs a `parley sim` subcommand to completion.
@@ -69,6 +84,9 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
             api_key,
             llm_latency_ms,
             llm_fail_every,
+            robots_listen,
+            dingtalk_robots,
+            wecom_robots,
         } => {
             let app_keys: Vec<String> = apps.iter().map(|a| a.app_key.clone()).collect();
             let dingtalk = FakeDingTalk::start(dingtalk_listen, apps)
@@ -90,17 +108,37 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
                 app_keys.join(", ")
             );
             println!("fake OpenAI    {}", llm.base_url());
+            let robots = FakeRobots::start(robots_listen)
+                .await
+                .with_context(|| format!("starting the fake robots on {robots_listen}"))?;
+            for spec in &dingtalk_robots {
+                let (token, secret) = match spec.split_once(':') {
+                    Some((token, secret)) => (token, Some(secret)),
+                    None => (spec.as_str(), None),
+                };
+                println!(
+                    "fake robot     {}",
+                    robots.add_dingtalk_robot(token, secret, &[])
+                );
+            }
+            for key in &wecom_robots {
+                println!("fake robot     {}", robots.add_wecom_robot(key));
+            }
             println!("Ctrl-C to stop");
             let echo = tokio::spawn(print_replies(dingtalk.clone()));
+            let pushed = tokio::spawn(print_robot_messages(robots.clone()));
             tokio::signal::ctrl_c()
                 .await
                 .context("waiting for Ctrl-C")?;
             echo.abort();
+            pushed.abort();
             dingtalk.shutdown();
             llm.shutdown();
+            robots.shutdown();
             Ok(())
         }
         SimCommand::Load(args) => run_load(args).await.map(|_| ()),
+        SimCommand::NotifyLoad(args) => run_notify_load(args).await,
     }
 }
 
@@ -119,6 +157,21 @@ async fn print_replies(dingtalk: FakeDingTalk) {
             println!("← {:?} to {to} [{}]: {}", msg.via, msg.msgtype, msg.content);
         }
         shown = shown.max(sent.len());
+    }
+}
+
+/// Prints every message a fake robot accepts, one line each, as it arrives.
+async fn print_robot_messages(robots: FakeRobots) {
+    let mut shown = 0;
+    loop {
+        let received = robots.wait_for(shown + 1, Duration::from_secs(3600)).await;
+        for msg in received.iter().skip(shown) {
+            println!(
+                "⇢ {:?} robot {} [{}]: {}",
+                msg.kind, msg.robot, msg.msgtype, msg.content
+            );
+        }
+        shown = shown.max(received.len());
     }
 }
 
