@@ -13,6 +13,9 @@
 //! return it, and deletes the queue at the end. One line per `--in-flight` value:
 //! `bare_publish: … N msgs/s …`.
 //!
+//! With `--queues N` it declares N such queues (`{queue}.0` … `{queue}.{N-1}`) and publishes to
+//! them in turn, as an ingress spreads jobs over `[queue] shards` shard queues.
+//!
 //! With `--rate R` it is instead an open-loop reference for confirm *latency*: one publish
 //! every 1/R s for `--secs` (no warm-up), each timed from its intended send time to its
 //! confirm (so a stalled broker is not hidden by publishing less), printing
@@ -50,6 +53,9 @@ struct Args {
     /// Queue to declare, publish to and delete (default: a unique `bare-publish-…` name).
     #[arg(long)]
     queue: Option<String>,
+    /// Quorum queues to spread the publishes over, in turn (Parley's `[queue] shards`).
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
     /// Open loop instead: publish at this many messages per second and report confirm
     /// latency (ignores `--in-flight` and `--warmup-secs`).
     #[arg(long)]
@@ -77,17 +83,30 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .map_err(|_| anyhow::anyhow!("RabbitMQ did not complete the AMQP handshake within 10 s"))??;
+    anyhow::ensure!(args.queues > 0, "--queues must be at least 1");
+    let queues: Vec<String> = if args.queues == 1 {
+        vec![queue.clone()]
+    } else {
+        (0..args.queues).map(|i| format!("{queue}.{i}")).collect()
+    };
+    let shown = if args.queues == 1 {
+        format!("quorum queue {queue}")
+    } else {
+        format!("{} quorum queues {queue}.*", args.queues)
+    };
     let channel = connection.create_channel().await?;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            quorum_arguments(),
-        )
-        .await?;
+    for q in &queues {
+        channel
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                quorum_arguments(),
+            )
+            .await?;
+    }
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -95,9 +114,9 @@ async fn main() -> anyhow::Result<()> {
     let body = body(args.body_bytes);
     let mut result = Ok(());
     if let Some(rate) = args.rate {
-        match open_loop(&channel, &queue, &body, rate, args.secs).await {
+        match open_loop(&channel, &queues, &body, rate, args.secs).await {
             Ok(r) => println!(
-                "bare_publish: quorum queue {queue}, {}-byte persistent messages, open loop {rate:.0} msgs/s for {} s: {} confirmed, {} failed; confirm latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+                "bare_publish: {shown}, {}-byte persistent messages, open loop {rate:.0} msgs/s for {} s: {} confirmed, {} failed; confirm latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
                 body.len(),
                 args.secs,
                 r.latency_us.len(),
@@ -112,9 +131,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     for &k in args.in_flight.iter().filter(|_| args.rate.is_none()) {
-        match run(&channel, &queue, &body, k, &args).await {
+        match run(&channel, &queues, &body, k, &args).await {
             Ok(r) => println!(
-                "bare_publish: quorum queue {queue}, {}-byte persistent messages, {k} in flight, {} s: {:.0} msgs/s ({} confirmed in the window, {} failed)",
+                "bare_publish: {shown}, {}-byte persistent messages, {k} in flight, {} s: {:.0} msgs/s ({} confirmed in the window, {} failed)",
                 body.len(),
                 args.secs,
                 r.confirmed as f64 / r.window.as_secs_f64(),
@@ -128,17 +147,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    // Delete the queue even after a failed run (on a fresh channel: a failure may have
+    // Delete the queues even after a failed run (on a fresh channel: a failure may have
     // closed the publishing one).
     let deleted = async {
         let admin = connection.create_channel().await?;
-        admin
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await
+        for q in &queues {
+            admin
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        anyhow::Ok(())
     }
     .await;
     if let Err(e) = deleted {
-        eprintln!("bare_publish: could not delete queue {queue}: {e}");
+        eprintln!("bare_publish: could not delete {shown}: {e}");
     }
     let _ = connection.close(200, "done".into()).await;
     result
@@ -155,7 +177,7 @@ struct Counted {
 /// confirms that arrive inside the measured window; then drains what is still in flight.
 async fn run(
     channel: &lapin::Channel,
-    queue: &str,
+    queues: &[String],
     body: &[u8],
     k: usize,
     args: &Args,
@@ -171,7 +193,7 @@ async fn run(
             let confirm = channel
                 .basic_publish(
                     ShortString::from(""),
-                    queue.into(),
+                    queues[seq as usize % queues.len()].as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         immediate: false,
@@ -211,7 +233,7 @@ struct Timed {
 /// time to its confirm; then waits for the confirms still outstanding.
 async fn open_loop(
     channel: &lapin::Channel,
-    queue: &str,
+    queues: &[String],
     body: &[u8],
     rate: f64,
     secs: u64,
@@ -242,7 +264,7 @@ async fn open_loop(
                 let confirm = channel
                     .basic_publish(
                         ShortString::from(""),
-                        queue.into(),
+                        queues[seq as usize % queues.len()].as_str().into(),
                         BasicPublishOptions { mandatory: true, immediate: false },
                         body,
                         properties(seq),
