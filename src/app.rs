@@ -29,9 +29,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use worker::{Worker, WorkerSettings};
 
-/// How long in-flight jobs may run on after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
 /// Which roles a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Roles {
@@ -150,6 +147,8 @@ pub struct Application {
     /// The chat worker and, with channels, the notification worker.
     workers: Vec<Worker>,
     backends: Backends,
+    /// `[server] shutdown_grace_secs`.
+    grace: Duration,
 }
 
 impl fmt::Debug for Application {
@@ -209,6 +208,7 @@ impl Application {
             ingress,
             workers,
             backends,
+            grace: Duration::from_secs(settings.server.shutdown_grace_secs),
         })
     }
 
@@ -251,10 +251,11 @@ impl Application {
         );
         let worker_stop = CancellationToken::new();
         let worker_view = self.workers.clone();
+        let grace = self.grace;
         let running: Vec<_> = self
             .workers
             .into_iter()
-            .map(|w| tokio::spawn(w.run_until_stopped(worker_stop.clone(), SHUTDOWN_GRACE)))
+            .map(|w| tokio::spawn(w.run_until_stopped(worker_stop.clone(), grace)))
             .collect();
         tracing::info!(roles = ?self.roles, "parley is running");
         let served = match (self.listener, self.ingress) {
@@ -286,7 +287,7 @@ impl Application {
                     0
                 }
             };
-            let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+            let deadline = tokio::time::Instant::now() + grace;
             while pending() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -137,6 +137,9 @@ pub struct ServerSettings {
     pub body_limit_bytes: usize,
     /// How long a notification's `Idempotency-Key` is remembered, in seconds. Default 3600.
     pub dedupe_ttl_secs: u64,
+    /// After SIGTERM/SIGINT, how long jobs already being worked on may run on before they
+    /// are abandoned unsettled (to be redelivered), in seconds. Default 30.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerSettings {
@@ -146,6 +149,7 @@ impl Default for ServerSettings {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             body_limit_bytes: 64 * 1024,
             dedupe_ttl_secs: 3600,
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -782,6 +786,15 @@ app_secret = "${DT_SECRET}"
                 .to_string();
             assert!(err.starts_with("config: queue.shards:"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn shutdown_grace_defaults_to_30_seconds_and_can_be_set() {
+        let s = Settings::from_toml(MINIMAL, env).unwrap();
+        assert_eq!(s.server.shutdown_grace_secs, 30);
+        let set = format!("{MINIMAL}\n[server]\nshutdown_grace_secs = 90\n");
+        let s = Settings::from_toml(&set, env).unwrap();
+        assert_eq!(s.server.shutdown_grace_secs, 90);
     }
 
     #[test]
