@@ -60,15 +60,17 @@ struct Lane {
 }
 
 impl Lane {
-    /// A lane on the configured backend; `prefix` names its broker queues.
+    /// A lane on the configured backend; `prefix` names its broker queues, `name` labels
+    /// the embedded queue's depth metric.
     fn build(
+        name: &'static str,
         queue: &QueueSettings,
         prefix: String,
         roles: Roles,
         max_concurrency: usize,
     ) -> anyhow::Result<Self> {
         if queue.url.is_none() {
-            let q = MemoryQueue::new(queue.capacity);
+            let q = MemoryQueue::new(queue.capacity, name);
             return Ok(Self {
                 queue: Arc::new(q.clone()),
                 memory: Some(q),
@@ -110,12 +112,19 @@ impl Backends {
             );
         }
         let q = &settings.queue;
-        let chat = Lane::build(q, q.prefix.clone(), roles, settings.llm.max_concurrency)?;
+        let chat = Lane::build(
+            "chat",
+            q,
+            q.prefix.clone(),
+            roles,
+            settings.llm.max_concurrency,
+        )?;
         let notify = if settings.channels.is_empty() {
             None
         } else {
             let prefix = format!("{}.notify", q.prefix);
             Some(Lane::build(
+                "notify",
                 q,
                 prefix,
                 roles,

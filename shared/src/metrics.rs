@@ -4,7 +4,8 @@
 //! rendered by the admin endpoint `/metrics`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use std::sync::OnceLock;
 
@@ -23,7 +24,7 @@ pub struct Metrics {
     /// Jobs being processed now.
     pub jobs_in_flight: IntGauge,
     /// Jobs waiting in the embedded queue.
-    pub queue_depth: IntGauge,
+    pub queue_depth: IntGaugeVec,
     /// Model calls by outcome (`ok`, `rate_limited`, `server_error`, `timeout`, …).
     pub llm_requests: IntCounterVec,
     /// Duration of successful model calls.
@@ -74,6 +75,14 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
@@ -109,10 +118,11 @@ impl Metrics {
                 slow.clone(),
             ),
             jobs_in_flight: gauge(&r, "parley_jobs_in_flight", "Jobs being processed now."),
-            queue_depth: gauge(
+            queue_depth: gauge_vec(
                 &r,
                 "parley_queue_depth",
-                "Jobs waiting in the embedded queue.",
+                "Jobs waiting in the embedded queue, by lane (chat, notify).",
+                &["lane"],
             ),
             llm_requests: counter(
                 &r,

@@ -136,6 +136,8 @@ pub struct MemoryQueue {
 }
 
 struct MemoryInner {
+    /// The lane it serves (`chat`, `notify`): its depth metric's label.
+    lane: &'static str,
     tx: mpsc::Sender<Envelope>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Envelope>>,
     dead: Mutex<Vec<DeadLetter>>,
@@ -150,11 +152,12 @@ impl fmt::Debug for MemoryQueue {
 }
 
 impl MemoryQueue {
-    /// A queue holding at most `capacity` waiting jobs.
-    pub fn new(capacity: usize) -> Self {
+    /// A queue holding at most `capacity` waiting jobs of `lane` (`chat`, `notify`).
+    pub fn new(capacity: usize, lane: &'static str) -> Self {
         let (tx, rx) = mpsc::channel(capacity);
         Self {
             inner: Arc::new(MemoryInner {
+                lane,
                 tx,
                 rx: tokio::sync::Mutex::new(rx),
                 dead: Mutex::new(Vec::new()),
@@ -167,6 +170,13 @@ impl MemoryQueue {
         self.inner.tx.max_capacity() - self.inner.tx.capacity()
     }
 
+    fn record_depth(&self) {
+        crate::metrics::get()
+            .queue_depth
+            .with_label_values(&[self.inner.lane])
+            .set(self.depth() as i64);
+    }
+
     fn push(&self, job: Job, attempt: u32) -> Result<(), QueueError> {
         self.inner
             .tx
@@ -175,7 +185,7 @@ impl MemoryQueue {
                 mpsc::error::TrySendError::Full(_) => QueueError::Full,
                 mpsc::error::TrySendError::Closed(_) => QueueError::Unavailable("closed".into()),
             })?;
-        crate::metrics::get().queue_depth.set(self.depth() as i64);
+        self.record_depth();
         Ok(())
     }
 }
@@ -193,7 +203,7 @@ impl JobQueue for MemoryQueue {
                 .await
                 .ok_or_else(|| QueueError::Unavailable("closed".into()))?
         };
-        crate::metrics::get().queue_depth.set(self.depth() as i64);
+        self.record_depth();
         let settler = MemorySettle {
             queue: self.clone(),
             settled: AtomicBool::new(false),
@@ -289,7 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn published_job_is_delivered_and_acked() {
-        let q = MemoryQueue::new(4);
+        let q = MemoryQueue::new(4, "chat");
         q.publish(&sample_job("a", "hi")).await.unwrap();
         let d = q.next().await.unwrap();
         assert_eq!((d.job.id.as_str(), d.attempt), ("a", 1));
@@ -298,8 +308,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_lane_reports_its_own_depth() {
+        let (chat, notify) = (
+            MemoryQueue::new(4, "lane-test-a"),
+            MemoryQueue::new(4, "lane-test-b"),
+        );
+        chat.publish(&sample_job("a", "1")).await.unwrap();
+        chat.publish(&sample_job("b", "2")).await.unwrap();
+        notify.publish(&sample_job("c", "3")).await.unwrap();
+        let depth = |lane| {
+            crate::metrics::get()
+                .queue_depth
+                .with_label_values(&[lane])
+                .get()
+        };
+        assert_eq!((depth("lane-test-a"), depth("lane-test-b")), (2, 1));
+        let _taken = notify.next().await.unwrap();
+        assert_eq!((depth("lane-test-a"), depth("lane-test-b")), (2, 0));
+    }
+
+    #[tokio::test]
     async fn full_queue_refuses() {
-        let q = MemoryQueue::new(1);
+        let q = MemoryQueue::new(1, "chat");
         q.publish(&sample_job("a", "hi")).await.unwrap();
         assert!(matches!(
             q.publish(&sample_job("b", "hi")).await,
@@ -309,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn retry_comes_back_with_next_attempt_and_dead_letters_replay() {
-        let q = MemoryQueue::new(4);
+        let q = MemoryQueue::new(4, "chat");
         q.publish(&sample_job("a", "hi")).await.unwrap();
         let d = q.next().await.unwrap();
         d.settle(Settlement::Retry {
@@ -332,7 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_delivery_returns_to_the_queue() {
-        let q = MemoryQueue::new(4);
+        let q = MemoryQueue::new(4, "chat");
         q.publish(&sample_job("a", "hi")).await.unwrap();
         drop(q.next().await.unwrap());
         assert_eq!(q.next().await.unwrap().job.id, "a");
