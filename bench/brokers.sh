@@ -176,19 +176,8 @@ ${SHARDS:+shards = $SHARDS}
 [cache]
 url = "$REDIS_URL"
 key_prefix = "$2"
-[llm]
-base_url = "http://127.0.0.1:19200/v1"
-api_key = "sk-bench"
-model = "bench"
-requests_per_minute = 1000000
-max_concurrency = $3
-[[bots]]
-id = "bench"
-platform = "dingtalk"
-app_key = "bench-app"
-app_secret = "$SECRET"
-api_base = "http://127.0.0.1:19100"
 TOML
+  bench_model_and_bot 1000000 "$3" >>"$1"
 }
 start_role() { # $1 role, $2 config, $3 listen port, $4 admin port; sets ROLE_PID
   RUST_LOG=warn taskset -c 0 "$BIN" --config "$2" "$1" --listen "127.0.0.1:$3" \

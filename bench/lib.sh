@@ -46,3 +46,24 @@ drop_keys() { # every Redis key starting with $1
 queues_left() { # how many queues whose name contains $1 are left
   rmq list_queues -q --no-table-headers name 2>/dev/null | grep -cF -- "$1" || true
 }
+
+# The [llm] table and the DingTalk bot every benchmark configures, as TOML on stdout:
+# bench_model_and_bot REQUESTS_PER_MINUTE MAX_CONCURRENCY. The fake model listens on
+# 127.0.0.1:19200 (key sk-bench), the fake DingTalk on 127.0.0.1:19100 (app bench-app,
+# secret $SECRET).
+bench_model_and_bot() {
+  cat <<TOML
+[llm]
+base_url = "http://127.0.0.1:19200/v1"
+api_key = "sk-bench"
+model = "bench"
+requests_per_minute = $1
+max_concurrency = $2
+[[bots]]
+id = "bench"
+platform = "dingtalk"
+app_key = "bench-app"
+app_secret = "$SECRET"
+api_base = "http://127.0.0.1:19100"
+TOML
+}

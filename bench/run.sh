@@ -57,19 +57,8 @@ listen = "127.0.0.1:18080"
 admin_listen = "127.0.0.1:18081"
 [queue]
 capacity = 2000000
-[llm]
-base_url = "http://127.0.0.1:19200/v1"
-api_key = "sk-bench"
-model = "bench"
-requests_per_minute = $2
-max_concurrency = $3
-[[bots]]
-id = "bench"
-platform = "dingtalk"
-app_key = "bench-app"
-app_secret = "$SECRET"
-api_base = "http://127.0.0.1:19100"
 TOML
+  bench_model_and_bot "$2" "$3" >>"$1"
 }
 config "$WORK/full.toml" 1000000 2000
 # Ingress-only: the worker is paced to one model call a minute, so jobs stay queued and

@@ -374,12 +374,7 @@ async fn redis_restart_is_survived_without_restarting_parley() {
         "{}",
         replies[1].content
     );
-    let ready = app
-        .client
-        .get(format!("http://{}/readyz", app.admin))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.admin_get("/readyz").await;
     assert_eq!(ready.status(), 200);
 }
 
@@ -400,12 +395,7 @@ async fn an_ingress_takes_chat_callbacks_while_redis_is_down() {
             .status(),
         200
     );
-    let ready = app
-        .client
-        .get(format!("http://{}/readyz", app.admin))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.admin_get("/readyz").await;
     assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
     // Once Redis is back, a worker answers what the ingress queued meanwhile.
     redis.child = PrivateRedis::start_on(redis.port);

@@ -292,23 +292,13 @@ async fn malformed_json_and_oversized_body_are_4xx_and_the_server_keeps_serving(
         200
     );
     app.replies(1).await;
-    let health = app
-        .client
-        .get(format!("http://{}/healthz", app.admin))
-        .send()
-        .await
-        .unwrap();
+    let health = app.admin_get("/healthz").await;
     assert_eq!(health.status(), 200);
 }
 
 async fn admin_endpoints_report_readiness_and_metrics(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let ready = app
-        .client
-        .get(format!("http://{}/readyz", app.admin))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.admin_get("/readyz").await;
     assert_eq!(ready.status(), 200);
     app.send(&app.group("met1", "count me")).await;
     app.replies(1).await;

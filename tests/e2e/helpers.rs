@@ -429,15 +429,17 @@ welcome_text = "欢迎使用 AI 助手"
         assert_eq!(got.len(), n, "{got:#?}");
     }
 
-    pub(crate) async fn metrics(&self) -> String {
+    /// `GET` of an admin endpoint (`/readyz`, `/healthz`, `/metrics`).
+    pub(crate) async fn admin_get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("http://{}/metrics", self.admin))
+            .get(format!("http://{}{path}", self.admin))
             .send()
             .await
             .unwrap()
-            .text()
-            .await
-            .unwrap()
+    }
+
+    pub(crate) async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await.text().await.unwrap()
     }
 
     pub(crate) fn wecom_url(&self) -> String {
