@@ -18,6 +18,8 @@
 # exit, even on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
+need_tools cargo wrk taskset python3 curl redis-cli rabbitmqctl
 cargo build --release --quiet --bin parley --examples
 BIN=$PWD/target/release/parley
 BARE_PUBLISH=$PWD/target/release/examples/bare_publish
@@ -29,7 +31,6 @@ SECRET=bench-secret
 RUN_ID="bench-$(date +%s)-$$"
 PIDS=()
 
-source bench/lib.sh
 ensure_brokers
 BEAM=$(pgrep -o -x beam.smp)
 REDIS=$(pgrep -o -x redis-server)

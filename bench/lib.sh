@@ -1,5 +1,28 @@
 # Helpers shared by the bench/ scripts; sourced, not run. Loopback only.
 
+# A failing command stops a benchmark (set -e); say which one instead of exiting silently.
+trap 'echo "bench: stopped: \"$BASH_COMMAND\" failed (exit $?) at ${BASH_SOURCE[0]}:$LINENO" >&2' ERR
+
+# Stops with how to install them when any of the named tools is missing: need_tools wrk taskset.
+need_tools() {
+  local missing=() t
+  for t in "$@"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
+  [ ${#missing[@]} = 0 ] && return 0
+  echo "bench: missing tool(s): ${missing[*]}" >&2
+  for t in "${missing[@]}"; do
+    case $t in
+      wrk) echo "  wrk: apt-get install wrk" >&2 ;;
+      taskset) echo "  taskset: apt-get install util-linux" >&2 ;;
+      python3) echo "  python3: apt-get install python3" >&2 ;;
+      curl) echo "  curl: apt-get install curl" >&2 ;;
+      redis-cli | redis-server) echo "  $t: apt-get install redis-server" >&2 ;;
+      rabbitmqctl | rabbitmq-server) echo "  $t: apt-get install rabbitmq-server" >&2 ;;
+      *) echo "  $t: install it and put it on PATH" >&2 ;;
+    esac
+  done
+  exit 1
+}
+
 # Waits until URL answers 2xx (10 s): wait_http [curl options] URL.
 wait_http() {
   for _ in $(seq 1 100); do curl -sf "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done

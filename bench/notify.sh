@@ -16,6 +16,8 @@
 # does if they are down, and left running), python3. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
+need_tools cargo python3 curl redis-cli rabbitmqctl
 cargo build --release --quiet --bin parley
 BIN=$PWD/target/release/parley
 ROBOTS=${ROBOTS:-3}
@@ -25,7 +27,6 @@ WORK=$(mktemp -d)
 RUN_ID="bench-notify-$(date +%s)-$$"
 ROBOTS_LISTEN=127.0.0.1:19300
 PIDS=()
-source bench/lib.sh
 ensure_brokers
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done

@@ -5,6 +5,8 @@
 # Needs: wrk (apt-get install wrk), taskset, python3. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
+need_tools cargo wrk taskset python3 curl
 cargo build --release --quiet --bin parley --example bare_server
 BIN=$PWD/target/release/parley
 BARE=$PWD/target/release/examples/bare_server
@@ -14,7 +16,6 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-source bench/lib.sh
 parley_usage() { # $1 pid, $2 its CPU seconds before the run, $3 thousands of messages in the run
   echo "   parley RSS peak $(rss_mb "$1") MB, CPU $(python3 -c "print(f'{($(cpu_s "$1")-$2)/$3:.3f}')") s per 1,000 messages (ingress + worker)"
 }
