@@ -841,6 +841,54 @@ encoding_aes_key = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
             "/../parley.example.toml"
         ))
         .unwrap();
-        Settings::from_toml(&text, |_| Some("x0123456789abcdef0123456789".into())).unwrap();
+        let settings = Settings::from_toml(&text, |name| {
+            Some(match name {
+                // Tencent's sample EncodingAESKey: the only value with a fixed shape.
+                "WECOM_ENCODING_AES_KEY" => "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C".into(),
+                _ => "x0123456789abcdef0123456789".into(),
+            })
+        })
+        .unwrap();
+        assert_eq!(settings.bots.len(), 2, "one DingTalk and one WeCom bot");
+    }
+
+    /// Every key README's configuration tables name is shown in parley.example.toml, set or
+    /// commented out, so a newcomer copying the example sees every knob.
+    #[test]
+    fn example_config_shows_every_documented_key() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        let example = std::fs::read_to_string(format!("{root}/parley.example.toml")).unwrap();
+        let shown = |key: &str| {
+            example.lines().any(|l| {
+                let l = l.trim_start_matches(['#', ' ']);
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        };
+        let mut missing = Vec::new();
+        let mut checked = 0;
+        for row in readme.lines().filter(|l| l.starts_with("| `")) {
+            let cell = row.split('|').nth(1).unwrap_or_default();
+            for name in cell.split('`').skip(1).step_by(2) {
+                // "[server] listen", "[[bots]] id", or a bare key in a platform's table.
+                let key = name.rsplit(' ').next().unwrap_or(name);
+                if name.starts_with("parley") || key.contains('/') {
+                    continue; // a command row, not a key
+                }
+                checked += 1;
+                if !shown(key) {
+                    missing.push(name.to_string());
+                }
+            }
+        }
+        assert!(
+            checked > 40,
+            "README's tables were not found ({checked} keys)"
+        );
+        assert!(
+            missing.is_empty(),
+            "not in parley.example.toml: {missing:?}"
+        );
     }
 }
