@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use ingress::IngressState;
 use shared::cache::redis::RedisCache;
 use shared::cache::{Cache, MemoryCache};
-use shared::config::{BotSettings, Platform, QueueSettings, Settings};
+use shared::config::{BotSettings, ChannelSettings, Platform, QueueSettings, Settings};
 use shared::dingtalk::client::DingTalkMessenger;
 use shared::llm::{LlmClient, OpenAiClient};
 use shared::messenger::Messenger;
@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use worker::{Worker, WorkerSettings};
+use worker::{ChatHandler, ChatSettings, Engine, EngineSettings, NoticeHandler};
 
 /// Which roles a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,8 +153,8 @@ pub struct Application {
     listener: Option<TcpListener>,
     admin_listener: TcpListener,
     ingress: Option<IngressState>,
-    /// The chat worker and, with channels, the notification worker.
-    workers: Vec<Worker>,
+    /// The chat lane's engine and, with channels, the notification lane's.
+    workers: Vec<Engine>,
     backends: Backends,
     /// `[server] shutdown_grace_secs`.
     grace: Duration,
@@ -291,7 +291,7 @@ impl Application {
                     .sum();
                 let memory = self.backends.lanes().any(|l| l.memory.is_some());
                 if memory {
-                    queued + worker_view.iter().map(Worker::taken).sum::<usize>()
+                    queued + worker_view.iter().map(Engine::taken).sum::<usize>()
                 } else {
                     0
                 }
@@ -322,7 +322,7 @@ impl Application {
     }
 }
 
-fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec<Worker>> {
+fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec<Engine>> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(5))
@@ -345,11 +345,15 @@ fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec
     }
     let llm: Arc<dyn LlmClient> =
         Arc::new(OpenAiClient::new(&settings.llm).context("building the model client")?);
-    let chat = Worker::new(
-        WorkerSettings::from_settings(settings),
+    let chat = Engine::new(
+        EngineSettings::chat(settings),
         backends.chat.queue.clone(),
         backends.cache.clone(),
-        llm.clone(),
+        Arc::new(ChatHandler::new(
+            ChatSettings::from_settings(settings),
+            backends.cache.clone(),
+            llm,
+        )),
         messengers,
     );
     let mut workers = vec![chat];
@@ -358,28 +362,37 @@ fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec
             .channels
             .iter()
             .map(|c| {
-                let limiter = Arc::new(WindowLimiter::new(
-                    backends.cache.clone(),
-                    c.messages_per_minute,
+                let m: Arc<dyn Messenger> = Arc::new(RobotMessenger::new(
+                    http.clone(),
+                    c.clone(),
+                    robot_limiter(settings, backends.cache.clone(), c),
                 ));
-                let m: Arc<dyn Messenger> =
-                    Arc::new(RobotMessenger::new(http.clone(), c.clone(), limiter));
                 ((c.kind.platform(), c.id.clone()), m)
             })
             .collect();
-        let notify_settings = WorkerSettings {
-            max_concurrency: settings.notify.max_concurrency,
-            ..WorkerSettings::from_settings(settings)
-        };
-        workers.push(Worker::new(
-            notify_settings,
+        // Notices need no model: this lane's engine has no model client or limiter.
+        workers.push(Engine::new(
+            EngineSettings::notify(settings),
             lane.queue.clone(),
             backends.cache.clone(),
-            llm,
+            Arc::new(NoticeHandler),
             robots,
         ));
     }
     Ok(workers)
+}
+
+/// The cluster-wide send budget of one robot channel, over `[notify] window_secs`.
+pub(crate) fn robot_limiter(
+    settings: &Settings,
+    cache: Arc<dyn Cache>,
+    channel: &ChannelSettings,
+) -> Arc<WindowLimiter> {
+    Arc::new(WindowLimiter::with_window(
+        cache,
+        channel.messages_per_minute,
+        settings.notify.window(),
+    ))
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> anyhow::Result<TcpListener> {

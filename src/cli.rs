@@ -204,8 +204,8 @@ async fn dlq(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
     result
 }
 
-/// Sends straight to the robot, under the same cluster-wide rate limit as the workers
-/// when `[cache].url` points at the shared Redis.
+/// Sends straight to the robot, through the workers' delivery code and under the same
+/// cluster-wide rate limit as the workers when `[cache].url` points at the shared Redis.
 async fn notify(
     settings: Settings,
     channel_id: &str,
@@ -213,7 +213,6 @@ async fn notify(
     title: Option<String>,
     text: String,
 ) -> anyhow::Result<()> {
-    use shared::messenger::Messenger;
     let channel = settings
         .channels
         .iter()
@@ -224,10 +223,7 @@ async fn notify(
         Some(_) => std::sync::Arc::new(shared::cache::redis::RedisCache::start(&settings.cache)?),
         None => std::sync::Arc::new(shared::cache::MemoryCache::new()),
     };
-    let limiter = std::sync::Arc::new(shared::notify::ratelimit::WindowLimiter::new(
-        cache,
-        channel.messages_per_minute,
-    ));
+    let limiter = crate::app::robot_limiter(&settings, cache, &channel);
     let body = match markdown {
         true => serde_json::json!({"markdown": {"title": title, "text": text}}),
         false => serde_json::json!({"text": text}),
@@ -243,24 +239,8 @@ async fn notify(
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
     let robot = shared::notify::robot::RobotMessenger::new(http, channel, limiter);
-    let shared::job::Content::Notice {
-        text,
-        markdown,
-        title,
-    } = &job.content
-    else {
-        anyhow::bail!("not a notification");
-    };
-    let parts = shared::split::split(text, robot.limit(*markdown));
-    let count = parts.len();
-    for part in parts {
-        let message = shared::messenger::OutgoingMessage {
-            text: part,
-            markdown: *markdown,
-            title: title.clone().unwrap_or_default(),
-        };
-        robot.send(&job, &message).await?;
-    }
+    let answer = worker::NoticeHandler::render(&job).context("not a notification")?;
+    let count = worker::deliver_answer(&job, &robot, &answer).await?;
     println!("sent to {channel_id} ({count} message(s))");
     Ok(())
 }

@@ -68,6 +68,10 @@ pub struct NotifySettings {
     /// A minijinja template file rendering Alertmanager payloads as markdown; absent = the
     /// built-in template.
     pub alertmanager_template: Option<String>,
+    /// The robots' rate-limit window in seconds: each channel sends at most
+    /// `messages_per_minute` in any such window. Default 60, the platforms' window; shorter
+    /// only for tests and benchmarks against the fakes.
+    pub window_secs: u64,
 }
 
 impl Default for NotifySettings {
@@ -75,7 +79,15 @@ impl Default for NotifySettings {
         Self {
             max_concurrency: 8,
             alertmanager_template: None,
+            window_secs: 60,
         }
+    }
+}
+
+impl NotifySettings {
+    /// The robots' rate-limit window.
+    pub fn window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.window_secs)
     }
 }
 
@@ -572,6 +584,9 @@ impl Settings {
                 "notify.max_concurrency",
                 "must be at least 1",
             ));
+        }
+        if self.notify.window_secs == 0 {
+            return Err(ConfigError::new("notify.window_secs", "must be at least 1"));
         }
         if let Some(path) = &self.notify.alertmanager_template {
             let text = std::fs::read_to_string(path).map_err(|e| {

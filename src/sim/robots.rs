@@ -139,6 +139,8 @@ struct RobotsState {
     dingtalk: HashMap<String, DingTalkRobot>,
     wecom: HashMap<String, Window>,
     throttle: Duration,
+    /// The rate limit's sliding window, [`RATE_WINDOW`] unless a test shortens it.
+    window: Duration,
 }
 
 struct DingTalkRobot {
@@ -170,13 +172,12 @@ impl Window {
     }
 
     /// Admits a message at `now_ms` if fewer than [`MESSAGES_PER_WINDOW`] were accepted in
-    /// the [`RATE_WINDOW`] before it; otherwise refuses and, for a non-zero `throttle_ms`,
+    /// the `window_ms` before it; otherwise refuses and, for a non-zero `throttle_ms`,
     /// blocks the robot that long.
-    fn admit(&mut self, now_ms: i64, throttle_ms: i64) -> Result<(), Limited> {
+    fn admit(&mut self, now_ms: i64, window_ms: i64, throttle_ms: i64) -> Result<(), Limited> {
         if self.throttled(now_ms) {
             return Err(Limited::Throttled);
         }
-        let window_ms = duration_ms(RATE_WINDOW);
         while self
             .accepted
             .front()
@@ -242,6 +243,7 @@ impl FakeRobots {
                 dingtalk: HashMap::new(),
                 wecom: HashMap::new(),
                 throttle: DEFAULT_THROTTLE,
+                window: RATE_WINDOW,
             }),
             received: Recorder::default(),
             refused: Recorder::default(),
@@ -311,9 +313,15 @@ impl FakeRobots {
     }
 
     /// How long a DingTalk robot stays blocked after exceeding the rate limit (default
-    /// [`DEFAULT_THROTTLE`], ten minutes). The 20-per-60-s window itself does not change.
+    /// [`DEFAULT_THROTTLE`], ten minutes). The window itself does not change.
     pub fn set_throttle(&self, throttle: Duration) {
         self.state().throttle = throttle;
+    }
+
+    /// The sliding window of the rate limit (default [`RATE_WINDOW`], 60 s): a test that
+    /// gives Parley the same short `[notify] window_secs` checks the limit in seconds.
+    pub fn set_window(&self, window: Duration) {
+        self.state().window = window;
     }
 
     /// Every accepted message so far, in arrival order.
@@ -482,6 +490,7 @@ async fn dingtalk_send(
 fn dingtalk_accept(inner: &Inner, token: &str, query: Option<&str>, body: &[u8]) -> Answer {
     let mut state = inner.state();
     let throttle_ms = duration_ms(state.throttle);
+    let window_ms = duration_ms(state.window);
     let Some(robot) = state.dingtalk.get_mut(token) else {
         return refuse(300001, "token is not exist");
     };
@@ -517,7 +526,7 @@ fn dingtalk_accept(inner: &Inner, token: &str, query: Option<&str>, body: &[u8])
     {
         return refuse(310000, "keywords not in content");
     }
-    if robot.window.admit(now_ms, throttle_ms).is_err() {
+    if robot.window.admit(now_ms, window_ms, throttle_ms).is_err() {
         return refuse(130101, "send too fast, exceed 20 times per minute");
     }
     let at = &v["at"];
@@ -559,6 +568,7 @@ fn wecom_content<'a>(v: &'a Value, field: &str, max: usize) -> Result<&'a str, (
 /// Every check of WeCom's: robot key, body, byte limits, rate window.
 fn wecom_accept(inner: &Inner, key: &str, body: &[u8]) -> Answer {
     let mut state = inner.state();
+    let window_ms = duration_ms(state.window);
     let Some(window) = state.wecom.get_mut(key) else {
         return refuse(93000, "invalid webhook url");
     };
@@ -589,7 +599,7 @@ fn wecom_accept(inner: &Inner, key: &str, body: &[u8]) -> Answer {
         _ => return refuse(40008, "invalid message type"),
     };
     let now_ms = inner.clock.now_ms();
-    if window.admit(now_ms, 0).is_err() {
+    if window.admit(now_ms, window_ms, 0).is_err() {
         return refuse(45009, "api freq out of limit");
     }
     let at_all = at_mobiles.iter().chain(&at_user_ids).any(|m| m == "@all");
@@ -859,25 +869,26 @@ mod tests {
     #[test]
     fn window_is_exact_and_throttle_outlasts_it() {
         let throttle = duration_ms(Duration::from_secs(600));
+        let window = duration_ms(RATE_WINDOW);
         let mut w = Window::default();
         for i in 0..20 {
-            assert_eq!(w.admit(i * 1000, throttle), Ok(()));
+            assert_eq!(w.admit(i * 1000, window, throttle), Ok(()));
         }
         // The 21st within 60 s of the first is refused and throttles the robot.
-        assert_eq!(w.admit(59_999, throttle), Err(Limited::Full));
-        assert_eq!(w.admit(60_000, throttle), Err(Limited::Throttled));
-        assert_eq!(w.admit(659_998, throttle), Err(Limited::Throttled));
-        assert_eq!(w.admit(659_999, throttle), Ok(()));
+        assert_eq!(w.admit(59_999, window, throttle), Err(Limited::Full));
+        assert_eq!(w.admit(60_000, window, throttle), Err(Limited::Throttled));
+        assert_eq!(w.admit(659_998, window, throttle), Err(Limited::Throttled));
+        assert_eq!(w.admit(659_999, window, throttle), Ok(()));
 
         // Without a throttle (WeCom) the window alone decides, to the millisecond.
         let mut w = Window::default();
         for i in 0..20 {
-            assert_eq!(w.admit(i * 1000, 0), Ok(()));
+            assert_eq!(w.admit(i * 1000, window, 0), Ok(()));
         }
-        assert_eq!(w.admit(59_999, 0), Err(Limited::Full));
-        assert_eq!(w.admit(60_000, 0), Ok(()));
-        assert_eq!(w.admit(60_001, 0), Err(Limited::Full));
-        assert_eq!(w.admit(61_000, 0), Ok(()));
+        assert_eq!(w.admit(59_999, window, 0), Err(Limited::Full));
+        assert_eq!(w.admit(60_000, window, 0), Ok(()));
+        assert_eq!(w.admit(60_001, window, 0), Err(Limited::Full));
+        assert_eq!(w.admit(61_000, window, 0), Ok(()));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A cluster-wide "at most N messages in any 60 seconds" limit per robot, kept in the
 //! shared cache so every worker process honours the same budget. The budget is N slot keys
 //! per robot; a send first claims a free slot (set-if-absent with a TTL of one window),
-//! so a slot taken at t is free again at t + window and no 60-second window ever holds
-//! more than N sends. Only set-if-absent is needed, which both cache backends do
+//! so a slot taken at t is free again at t + window and no window ever holds more than N
+//! sends. The window is the platforms' 60 s unless tests or benchmarks shorten it. Only set-if-absent is needed, which both cache backends do
 //! atomically; no clock is shared between processes.
 
 use crate::cache::{Cache, CacheError};
@@ -10,9 +10,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The platforms' window. A slot is held one second longer than the window so that the
-/// time a send takes to reach the platform can never squeeze N+1 sends into one window.
-const WINDOW: Duration = Duration::from_secs(61);
+/// The platforms' window.
+pub const PLATFORM_WINDOW: Duration = Duration::from_secs(60);
+/// A slot is held this much longer than the window so that the time a send takes to reach
+/// the platform can never squeeze N+1 sends into one window.
+const MARGIN: Duration = Duration::from_secs(1);
 /// How often a sender waiting for a free slot looks again.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -20,22 +22,31 @@ const POLL: Duration = Duration::from_millis(250);
 pub struct WindowLimiter {
     cache: Arc<dyn Cache>,
     per_window: u32,
+    /// How long a claimed slot is held: the window plus [`MARGIN`].
+    hold: Duration,
 }
 
 impl fmt::Debug for WindowLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WindowLimiter")
             .field("per_window", &self.per_window)
+            .field("hold", &self.hold)
             .finish_non_exhaustive()
     }
 }
 
 impl WindowLimiter {
-    /// At most `per_minute` sends per robot in any window.
+    /// At most `per_minute` sends per robot in any [`PLATFORM_WINDOW`].
     pub fn new(cache: Arc<dyn Cache>, per_minute: u32) -> Self {
+        Self::with_window(cache, per_minute, PLATFORM_WINDOW)
+    }
+
+    /// At most `per_window` sends per robot in any `window` (`[notify] window_secs`).
+    pub fn with_window(cache: Arc<dyn Cache>, per_window: u32, window: Duration) -> Self {
         Self {
             cache,
-            per_window: per_minute.max(1),
+            per_window: per_window.max(1),
+            hold: window + MARGIN,
         }
     }
 
@@ -43,7 +54,7 @@ impl WindowLimiter {
     pub async fn try_acquire(&self, robot: &str) -> Result<bool, CacheError> {
         for slot in 0..self.per_window {
             let key = format!("robot-rate:{robot}:{slot}");
-            if self.cache.set_nx(&key, "1", WINDOW).await? {
+            if self.cache.set_nx(&key, "1", self.hold).await? {
                 return Ok(true);
             }
         }
@@ -75,5 +86,14 @@ mod tests {
             limiter.try_acquire("r2").await.unwrap(),
             "robots are independent"
         );
+    }
+
+    #[tokio::test]
+    async fn a_short_window_frees_its_slots_after_window_and_margin() {
+        let limiter = WindowLimiter::with_window(Arc::new(MemoryCache::new()), 1, Duration::ZERO);
+        assert!(limiter.try_acquire("r").await.unwrap());
+        assert!(!limiter.try_acquire("r").await.unwrap());
+        tokio::time::sleep(MARGIN + Duration::from_millis(100)).await;
+        assert!(limiter.try_acquire("r").await.unwrap());
     }
 }
