@@ -213,7 +213,7 @@ async fn notify(
     title: Option<String>,
     text: String,
 ) -> anyhow::Result<()> {
-    use shared::messenger::Messenger;
+    use shared::platform::Messenger;
     let channel = settings
         .channels
         .iter()
@@ -224,7 +224,7 @@ async fn notify(
         Some(_) => std::sync::Arc::new(shared::cache::redis::RedisCache::start(&settings.cache)?),
         None => std::sync::Arc::new(shared::cache::MemoryCache::new()),
     };
-    let limiter = std::sync::Arc::new(shared::notify::ratelimit::WindowLimiter::new(
+    let limiter = std::sync::Arc::new(shared::platform::robots::ratelimit::WindowLimiter::new(
         cache,
         channel.messages_per_minute,
     ));
@@ -242,7 +242,7 @@ async fn notify(
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
-    let robot = shared::notify::robot::RobotMessenger::new(http, channel, limiter);
+    let robot = shared::platform::robots::messenger::RobotMessenger::new(http, channel, limiter);
     let shared::job::Content::Notice {
         text,
         markdown,
@@ -254,7 +254,7 @@ async fn notify(
     let parts = shared::split::split(text, robot.limit(*markdown));
     let count = parts.len();
     for part in parts {
-        let message = shared::messenger::OutgoingMessage {
+        let message = shared::platform::OutgoingMessage {
             text: part,
             markdown: *markdown,
             title: title.clone().unwrap_or_default(),

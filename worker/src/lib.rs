@@ -11,10 +11,10 @@ mod texts;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use shared::cache::Cache;
-use shared::config::{HistorySettings, Platform, Settings};
-use shared::job::{Content, Job};
+use shared::config::{HistorySettings, Settings};
+use shared::job::{Content, Job, Platform};
 use shared::llm::{ChatMessage, LlmClient, Role};
-use shared::messenger::{
+use shared::platform::{
     Messenger, OutgoingMessage, SendError, looks_like_markdown, markdown_title,
 };
 use shared::queue::{JobQueue, Settlement};

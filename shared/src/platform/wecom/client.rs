@@ -3,13 +3,13 @@
 //! WeCom limits text and app markdown to 2048 UTF-8 bytes and silently truncates beyond,
 //! so the worker splits to [`PART_BYTES`] before anything is sent.
 
-use crate::api::PlatformApi;
 use crate::config::WecomBot;
 use crate::job::{Job, ReplyTarget};
-use crate::messenger::{Messenger, OutgoingMessage, SendError};
+use crate::platform::api::PlatformApi;
+use crate::platform::token::{AccessToken, Authorized, TokenCache};
+use crate::platform::{Messenger, OutgoingMessage, SendError};
 use crate::secret::Secret;
 use crate::split::Limit;
-use crate::token::{AccessToken, Authorized, TokenCache};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use std::sync::Arc;

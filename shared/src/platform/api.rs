@@ -3,9 +3,9 @@
 //! platform calls. Platform modules keep only what really differs: endpoints, bodies and
 //! how each platform spells success, throttling and a refused token.
 
-use crate::messenger::SendError;
+use crate::platform::SendError;
+use crate::platform::token::{AccessToken, Authorized, TokenCache};
 use crate::secret::Secret;
-use crate::token::{AccessToken, Authorized, TokenCache};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;

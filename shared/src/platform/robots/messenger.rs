@@ -6,10 +6,10 @@
 //! blocks an over-eager robot for ten minutes).
 
 use super::ratelimit::WindowLimiter;
-use crate::api::PlatformApi;
 use crate::config::{ChannelKind, ChannelSettings};
 use crate::job::{Job, ReplyTarget, RobotTarget};
-use crate::messenger::{Messenger, OutgoingMessage, SendError};
+use crate::platform::api::PlatformApi;
+use crate::platform::{Messenger, OutgoingMessage, SendError};
 use crate::split::Limit;
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -81,7 +81,7 @@ impl RobotMessenger {
             json!({"atMobiles": at.at_mobiles, "atUserIds": at.at_user_ids, "isAtAll": at.at_all});
         if message.markdown {
             if title.is_empty() {
-                title = crate::messenger::markdown_title(&text);
+                title = crate::platform::markdown_title(&text);
             }
             json!({"msgtype": "markdown", "markdown": {"title": title, "text": text}, "at": at})
         } else {
@@ -106,7 +106,10 @@ impl RobotMessenger {
         match &self.channel.secret {
             Some(secret) => {
                 let sep = if base.contains('?') { '&' } else { '?' };
-                let query = crate::dingtalk::sign::webhook_query(secret.expose(), crate::now_ms());
+                let query = crate::platform::dingtalk::sign::webhook_query(
+                    secret.expose(),
+                    crate::now_ms(),
+                );
                 format!("{base}{sep}{query}")
             }
             None => base.to_string(),
@@ -119,7 +122,9 @@ impl Messenger for RobotMessenger {
     fn limit(&self, markdown: bool) -> Limit {
         match (self.channel.kind, markdown) {
             // DingTalk: bodies up to 20,000 bytes; keep parts like chat answers.
-            (ChannelKind::DingtalkRobot, _) => Limit::Chars(crate::dingtalk::client::PART_CHARS),
+            (ChannelKind::DingtalkRobot, _) => {
+                Limit::Chars(crate::platform::dingtalk::client::PART_CHARS)
+            }
             (ChannelKind::WecomRobot, false) => Limit::Bytes(2048),
             (ChannelKind::WecomRobot, true) => Limit::Bytes(4096),
         }

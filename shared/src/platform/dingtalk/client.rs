@@ -4,13 +4,13 @@
 //! refuses (`InvalidAuthentication`, 401) is dropped and the call made once more with a
 //! fresh one; throttling (403 `…QpsLimit…`, errcode 130101, -1) is reported as retryable.
 
-use crate::api::PlatformApi;
 use crate::config::DingTalkBot;
 use crate::job::{DingTalkTarget, Job, ReplyTarget};
-use crate::messenger::{Messenger, OutgoingMessage, SendError};
+use crate::platform::api::PlatformApi;
+use crate::platform::token::{AccessToken, Authorized, TokenCache};
+use crate::platform::{Messenger, OutgoingMessage, SendError};
 use crate::secret::Secret;
 use crate::split::Limit;
-use crate::token::{AccessToken, Authorized, TokenCache};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use std::sync::Arc;
