@@ -6,12 +6,13 @@
 
 use crate::config::DingTalkBot;
 use crate::job::{DingTalkTarget, Job, ReplyTarget};
-use crate::platform::api::PlatformApi;
+use crate::platform::api::{PlatformApi, Verdict};
 use crate::platform::token::{AccessToken, Authorized, TokenCache};
 use crate::platform::{Messenger, OutgoingMessage, SendError};
 use crate::secret::Secret;
 use crate::split::Limit;
 use async_trait::async_trait;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,10 +31,10 @@ pub struct DingTalkMessenger {
 }
 
 /// What a sessionWebhook send came to.
-enum WebhookError {
+enum Webhook {
+    Sent,
     /// The session is gone: use OpenAPI instead.
     Expired,
-    Send(SendError),
 }
 
 impl DingTalkMessenger {
@@ -45,38 +46,13 @@ impl DingTalkMessenger {
     }
 
     async fn fetch_token(&self) -> Result<AccessToken, SendError> {
-        let resp = self
+        let body = json!({"appKey": self.bot.app_key, "appSecret": self.bot.app_secret.expose()});
+        let request = self
             .api
             .http
             .post(self.api.url("/v1.0/oauth2/accessToken"))
-            .json(&json!({"appKey": self.bot.app_key, "appSecret": self.bot.app_secret.expose()}))
-            .send()
-            .await
-            .map_err(|e| self.api.network_error("token", &e))?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or_default();
-        match (body["accessToken"].as_str(), body["expireIn"].as_u64()) {
-            (Some(t), Some(secs)) if status.is_success() => {
-                self.api.record("token", "ok");
-                Ok(AccessToken {
-                    value: Secret::new(t),
-                    expires_in: Duration::from_secs(secs),
-                })
-            }
-            _ => {
-                self.api.record("token", "error");
-                let code = body["code"].as_str().unwrap_or("unknown");
-                let reason = format!("access token refused ({status}, {code})");
-                Err(if status.is_server_error() || code.contains("Limit") {
-                    SendError::Retryable {
-                        reason,
-                        after: None,
-                    }
-                } else {
-                    SendError::Permanent(reason)
-                })
-            }
-        }
+            .json(&body);
+        self.api.call("token", request, token_table).await
     }
 
     /// POSTs to an OpenAPI path with the access token, refreshing it once if refused.
@@ -84,50 +60,14 @@ impl DingTalkMessenger {
         let url = self.api.url(path);
         let fetch = || self.fetch_token();
         let call = |token: Secret| {
-            let url = &url;
-            async move {
-                let resp = self
-                    .api
-                    .http
-                    .post(url)
-                    .header("x-acs-dingtalk-access-token", token.expose())
-                    .json(body)
-                    .send()
-                    .await
-                    .map_err(|e| self.api.network_error(api, &e))?;
-                let status = resp.status().as_u16();
-                let v: Value = resp.json().await.unwrap_or_default();
-                let code = v["code"].as_str().unwrap_or_default();
-                if status == 401 || (status == 400 && code == "InvalidAuthentication") {
-                    self.api.record(api, "token_refused");
-                    return Ok(Authorized::TokenRefused);
-                }
-                if (200..300).contains(&status) {
-                    let throttled = v["flowControlledStaffIdList"]
-                        .as_array()
-                        .is_some_and(|a| !a.is_empty());
-                    if throttled {
-                        self.api.record(api, "throttled");
-                        return Err(SendError::Retryable {
-                            reason: "recipient flow-controlled".into(),
-                            after: Some(Duration::from_secs(1)),
-                        });
-                    }
-                    self.api.record(api, "ok");
-                    return Ok(Authorized::Ok(v));
-                }
-                let reason = format!("{api} failed ({status}, {code})");
-                if status == 403 && code.contains("Limit") || status >= 500 || status == 429 {
-                    self.api.record(api, "throttled");
-                    Err(SendError::Retryable {
-                        reason,
-                        after: Some(Duration::from_secs(1)),
-                    })
-                } else {
-                    self.api.record(api, "refused");
-                    Err(SendError::Permanent(reason))
-                }
-            }
+            let request = self
+                .api
+                .http
+                .post(&url)
+                .header("x-acs-dingtalk-access-token", token.expose())
+                .json(body);
+            self.api
+                .call(api, request, move |status, v| openapi_table(api, status, v))
         };
         self.api.with_token(fetch, call).await
     }
@@ -137,7 +77,7 @@ impl DingTalkMessenger {
         url: &str,
         target: &DingTalkTarget,
         message: &OutgoingMessage,
-    ) -> Result<(), WebhookError> {
+    ) -> Result<Webhook, SendError> {
         let at_ids: Vec<&str> = if target.group {
             target.sender_staff_id.as_deref().into_iter().collect()
         } else {
@@ -149,47 +89,10 @@ impl DingTalkMessenger {
         } else {
             json!({"msgtype": "text", "text": {"content": message.text}, "at": at})
         };
-        let resp = self
-            .api
-            .http
-            .post(url)
-            .json(&body)
-            .send()
+        let request = self.api.http.post(url).json(&body);
+        self.api
+            .call("session_webhook", request, webhook_table)
             .await
-            .map_err(|e| WebhookError::Send(self.api.network_error("session_webhook", &e)))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or_default();
-        match v["errcode"].as_i64() {
-            Some(0) if status.is_success() => {
-                self.api.record("session_webhook", "ok");
-                Ok(())
-            }
-            Some(300001) | Some(300002) => {
-                self.api.record("session_webhook", "expired");
-                Err(WebhookError::Expired)
-            }
-            Some(code @ (130101 | -1 | 90018 | 90002)) => {
-                self.api.record("session_webhook", "throttled");
-                Err(WebhookError::Send(SendError::Retryable {
-                    reason: format!("session webhook busy (errcode {code})"),
-                    after: Some(Duration::from_secs(2)),
-                }))
-            }
-            _ if status.is_server_error() => {
-                self.api.record("session_webhook", "error");
-                Err(WebhookError::Send(SendError::Retryable {
-                    reason: format!("session webhook answered {status}"),
-                    after: None,
-                }))
-            }
-            code => {
-                self.api.record("session_webhook", "refused");
-                Err(WebhookError::Send(SendError::Permanent(format!(
-                    "session webhook refused ({status}, errcode {})",
-                    code.map(|c| c.to_string()).unwrap_or_else(|| "none".into())
-                ))))
-            }
-        }
     }
 
     async fn via_openapi(
@@ -238,6 +141,76 @@ impl DingTalkMessenger {
     }
 }
 
+/// DingTalk's error table for the access-token fetch.
+fn token_table(status: StatusCode, body: &Value) -> Verdict<AccessToken> {
+    match (body["accessToken"].as_str(), body["expireIn"].as_u64()) {
+        (Some(t), Some(secs)) if status.is_success() => Verdict::ok(AccessToken {
+            value: Secret::new(t),
+            expires_in: Duration::from_secs(secs),
+        }),
+        _ => {
+            let code = body["code"].as_str().unwrap_or("unknown");
+            let reason = format!("access token refused ({status}, {code})");
+            if status.is_server_error() || code.contains("Limit") {
+                Verdict::retry("error", reason, None)
+            } else {
+                Verdict::new("error", Err(SendError::Permanent(reason)))
+            }
+        }
+    }
+}
+
+/// DingTalk's error table for the OpenAPI robot sends: a refused token is 401 or 400
+/// `InvalidAuthentication`; throttling is 403 `…Limit…`, 429, 5xx, or a success that
+/// flow-controlled the recipient.
+fn openapi_table(api: &str, status: StatusCode, body: &Value) -> Verdict<Authorized<Value>> {
+    let status = status.as_u16();
+    let code = body["code"].as_str().unwrap_or_default();
+    if status == 401 || (status == 400 && code == "InvalidAuthentication") {
+        return Verdict::token_refused();
+    }
+    if (200..300).contains(&status) {
+        let throttled = body["flowControlledStaffIdList"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty());
+        if throttled {
+            return Verdict::retry(
+                "throttled",
+                "recipient flow-controlled".into(),
+                Some(Duration::from_secs(1)),
+            );
+        }
+        return Verdict::ok(Authorized::Ok(body.clone()));
+    }
+    let reason = format!("{api} failed ({status}, {code})");
+    if status == 403 && code.contains("Limit") || status >= 500 || status == 429 {
+        Verdict::retry("throttled", reason, Some(Duration::from_secs(1)))
+    } else {
+        Verdict::refused(reason)
+    }
+}
+
+/// DingTalk's error table for sessionWebhook sends: 300001/300002 mean the session is
+/// gone; 130101, -1, 90018 and 90002 mean busy.
+fn webhook_table(status: StatusCode, body: &Value) -> Verdict<Webhook> {
+    match body["errcode"].as_i64() {
+        Some(0) if status.is_success() => Verdict::ok(Webhook::Sent),
+        Some(300001) | Some(300002) => Verdict::new("expired", Ok(Webhook::Expired)),
+        Some(code @ (130101 | -1 | 90018 | 90002)) => Verdict::retry(
+            "throttled",
+            format!("session webhook busy (errcode {code})"),
+            Some(Duration::from_secs(2)),
+        ),
+        _ if status.is_server_error() => {
+            Verdict::retry("error", format!("session webhook answered {status}"), None)
+        }
+        code => Verdict::refused(format!(
+            "session webhook refused ({status}, errcode {})",
+            code.map(|c| c.to_string()).unwrap_or_else(|| "none".into())
+        )),
+    }
+}
+
 #[async_trait]
 impl Messenger for DingTalkMessenger {
     fn limit(&self, _markdown: bool) -> Limit {
@@ -254,10 +227,9 @@ impl Messenger for DingTalkMessenger {
                 .is_none_or(|exp| exp - crate::now_ms() > WEBHOOK_MARGIN_MS)
         });
         if let Some(url) = webhook {
-            match self.via_webhook(url, target, message).await {
-                Ok(()) => return Ok(()),
-                Err(WebhookError::Send(e)) => return Err(e),
-                Err(WebhookError::Expired) => {}
+            match self.via_webhook(url, target, message).await? {
+                Webhook::Sent => return Ok(()),
+                Webhook::Expired => {}
             }
         }
         self.via_openapi(target, message).await

@@ -5,12 +5,13 @@
 
 use crate::config::WecomBot;
 use crate::job::{Job, ReplyTarget};
-use crate::platform::api::PlatformApi;
+use crate::platform::api::{PlatformApi, Verdict};
 use crate::platform::token::{AccessToken, Authorized, TokenCache};
 use crate::platform::{Messenger, OutgoingMessage, SendError};
 use crate::secret::Secret;
 use crate::split::Limit;
 use async_trait::async_trait;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,93 +38,80 @@ impl WecomMessenger {
     }
 
     async fn fetch_token(&self) -> Result<AccessToken, SendError> {
-        let resp = self
+        let request = self
             .api
             .http
             .get(self.api.url("/cgi-bin/gettoken"))
             .query(&[
                 ("corpid", self.bot.corp_id.as_str()),
                 ("corpsecret", self.bot.corp_secret.expose()),
-            ])
-            .send()
-            .await
-            .map_err(|e| self.api.network_error("gettoken", &e))?;
-        let v: Value = resp.json().await.unwrap_or_default();
-        let code = v["errcode"].as_i64().unwrap_or(-1);
-        match (code, v["access_token"].as_str(), v["expires_in"].as_u64()) {
-            (0, Some(t), Some(secs)) => {
-                self.api.record("gettoken", "ok");
-                Ok(AccessToken {
-                    value: Secret::new(t),
-                    expires_in: Duration::from_secs(secs),
-                })
-            }
-            _ => {
-                self.api.record("gettoken", "error");
-                let reason = format!("gettoken refused (errcode {code})");
-                Err(if matches!(code, -1 | 45009 | 45033) {
-                    SendError::Retryable {
-                        reason,
-                        after: None,
-                    }
-                } else {
-                    SendError::Permanent(reason)
-                })
-            }
-        }
+            ]);
+        self.api.call("gettoken", request, gettoken_table).await
     }
 
     async fn send_once(&self, token: Secret, body: &Value) -> Result<Authorized<()>, SendError> {
-        let resp = self
+        let request = self
             .api
             .http
             .post(self.api.url("/cgi-bin/message/send"))
             .query(&[("access_token", token.expose())])
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.api.network_error("message_send", &e))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or_default();
-        let Some(code) = v["errcode"].as_i64() else {
-            self.api.record("message_send", "error");
-            return Err(SendError::Retryable {
-                reason: format!("message/send answered {status} without errcode"),
-                after: None,
-            });
-        };
-        match code {
-            0 => {
-                let invalid = ["invaliduser", "unlicenseduser"]
-                    .iter()
-                    .any(|k| v[k].as_str().is_some_and(|s| !s.is_empty()));
-                if invalid {
-                    self.api.record("message_send", "refused");
-                    return Err(SendError::Permanent(
-                        "recipient invalid or unlicensed".into(),
-                    ));
-                }
-                self.api.record("message_send", "ok");
-                Ok(Authorized::Ok(()))
-            }
-            c if TOKEN_ERRORS.contains(&c) => {
-                self.api.record("message_send", "token_refused");
-                Ok(Authorized::TokenRefused)
-            }
-            -1 | 45009 | 45033 => {
-                self.api.record("message_send", "throttled");
-                Err(SendError::Retryable {
-                    reason: format!("message/send busy (errcode {code})"),
-                    after: Some(Duration::from_secs(if code == 45009 { 60 } else { 2 })),
-                })
-            }
-            _ => {
-                self.api.record("message_send", "refused");
-                Err(SendError::Permanent(format!(
-                    "message/send refused (errcode {code})"
-                )))
+            .json(body);
+        self.api.call("message_send", request, send_table).await
+    }
+}
+
+/// WeCom's error table for `gettoken`: -1 (busy), 45009 and 45033 (limits) are worth
+/// retrying.
+fn gettoken_table(_status: StatusCode, body: &Value) -> Verdict<AccessToken> {
+    let code = body["errcode"].as_i64().unwrap_or(-1);
+    match (
+        code,
+        body["access_token"].as_str(),
+        body["expires_in"].as_u64(),
+    ) {
+        (0, Some(t), Some(secs)) => Verdict::ok(AccessToken {
+            value: Secret::new(t),
+            expires_in: Duration::from_secs(secs),
+        }),
+        _ => {
+            let reason = format!("gettoken refused (errcode {code})");
+            if matches!(code, -1 | 45009 | 45033) {
+                Verdict::retry("error", reason, None)
+            } else {
+                Verdict::new("error", Err(SendError::Permanent(reason)))
             }
         }
+    }
+}
+
+/// WeCom's error table for `message/send`: [`TOKEN_ERRORS`] refuse the token; -1, 45009
+/// (a minute's wait) and 45033 mean busy; a success naming the recipient invalid or
+/// unlicensed is a refusal.
+fn send_table(status: StatusCode, body: &Value) -> Verdict<Authorized<()>> {
+    let Some(code) = body["errcode"].as_i64() else {
+        return Verdict::retry(
+            "error",
+            format!("message/send answered {status} without errcode"),
+            None,
+        );
+    };
+    match code {
+        0 => {
+            let invalid = ["invaliduser", "unlicenseduser"]
+                .iter()
+                .any(|k| body[k].as_str().is_some_and(|s| !s.is_empty()));
+            if invalid {
+                return Verdict::refused("recipient invalid or unlicensed".into());
+            }
+            Verdict::ok(Authorized::Ok(()))
+        }
+        c if TOKEN_ERRORS.contains(&c) => Verdict::token_refused(),
+        -1 | 45009 | 45033 => Verdict::retry(
+            "throttled",
+            format!("message/send busy (errcode {code})"),
+            Some(Duration::from_secs(if code == 45009 { 60 } else { 2 })),
+        ),
+        _ => Verdict::refused(format!("message/send refused (errcode {code})")),
     }
 }
 
