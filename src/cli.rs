@@ -238,7 +238,7 @@ async fn notify(
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
-    let robot = shared::notify::robot::RobotMessenger::new(http, channel, limiter);
+    let robot = shared::platform::robots::messenger::RobotMessenger::new(http, channel, limiter);
     let answer = worker::NoticeHandler::render(&job).context("not a notification")?;
     let count = worker::deliver_answer(&job, &robot, &answer).await?;
     println!("sent to {channel_id} ({count} message(s))");

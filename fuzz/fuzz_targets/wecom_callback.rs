@@ -10,8 +10,8 @@
 use libfuzzer_sys::fuzz_target;
 use shared::config::WecomBot;
 use shared::secret::Secret;
-use shared::wecom::crypto::WecomCrypto;
-use shared::wecom::{callback, open_callback};
+use shared::platform::wecom::crypto::WecomCrypto;
+use shared::platform::wecom::{callback, open_callback};
 use std::sync::OnceLock;
 
 const TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         body = rest.to_vec();
         let encrypt = std::str::from_utf8(rest)
             .ok()
-            .and_then(|t| shared::wecom::xml::parse_envelope(t).ok())
+            .and_then(|t| shared::platform::wecom::xml::parse_envelope(t).ok())
             .map(|e| e.encrypt)
             .unwrap_or_default();
         signature = crypto.signature(ts, nonce, &encrypt);

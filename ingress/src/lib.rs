@@ -12,13 +12,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use shared::cache::Cache;
-use shared::config::{BotSettings, ChannelSettings, DingTalkBot, Platform, Settings, WecomBot};
-use shared::dingtalk;
-use shared::job::Job;
+use shared::config::{BotSettings, ChannelSettings, DingTalkBot, Settings, WecomBot};
+use shared::job::{Job, Platform};
+use shared::platform::dingtalk;
+use shared::platform::wecom::OpenError;
+use shared::platform::wecom::crypto::{CryptoError, WecomCrypto};
+use shared::platform::wecom::xml::XmlError;
 use shared::queue::{JobQueue, QueueError};
-use shared::wecom::OpenError;
-use shared::wecom::crypto::{CryptoError, WecomCrypto};
-use shared::wecom::xml::XmlError;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -455,13 +455,18 @@ async fn handle_wecom(
         return Err(Rejection::StaleTimestamp);
     }
     let body = read_body(body, state.inner.body_limit).await?;
-    let message =
-        shared::wecom::open_callback(crypto, &q.msg_signature, &q.timestamp, &q.nonce, &body)
-            .map_err(|e| match e {
-                OpenError::Xml(e) => Rejection::Xml(e),
-                OpenError::Crypto(e) => Rejection::Crypto(e),
-            })?;
-    match shared::wecom::callback::to_job(bot, &message, now) {
+    let message = shared::platform::wecom::open_callback(
+        crypto,
+        &q.msg_signature,
+        &q.timestamp,
+        &q.nonce,
+        &body,
+    )
+    .map_err(|e| match e {
+        OpenError::Xml(e) => Rejection::Xml(e),
+        OpenError::Crypto(e) => Rejection::Crypto(e),
+    })?;
+    match shared::platform::wecom::callback::to_job(bot, &message, now) {
         Some(job) => enqueue(state, &job).await,
         None => Ok(Accepted::Ignored),
     }

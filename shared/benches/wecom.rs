@@ -3,8 +3,8 @@
 //! Run: `cargo bench -p parley-shared --bench wecom`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use shared::wecom::crypto::WecomCrypto;
-use shared::wecom::open_callback;
+use shared::platform::wecom::crypto::WecomCrypto;
+use shared::platform::wecom::open_callback;
 use std::hint::black_box;
 
 const TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
@@ -60,10 +60,10 @@ fn steps(c: &mut Criterion) {
         b.iter(|| crypto.decrypt(black_box(&encrypt)).expect("valid"))
     });
     c.bench_function("step_parse_envelope", |b| {
-        b.iter(|| shared::wecom::xml::parse_envelope(black_box(&body)).expect("valid"))
+        b.iter(|| shared::platform::wecom::xml::parse_envelope(black_box(&body)).expect("valid"))
     });
     c.bench_function("step_parse_message", |b| {
-        b.iter(|| shared::wecom::xml::parse_message(black_box(&xml)).expect("valid"))
+        b.iter(|| shared::platform::wecom::xml::parse_message(black_box(&xml)).expect("valid"))
     });
 }
 

@@ -4,6 +4,7 @@
 //! e.g. `config: bots[0].app_secret: environment variable DT_SECRET is not set`, because the
 //! person reading it is an operator looking at a crash-looping pod.
 
+use crate::job::Platform;
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -303,34 +304,6 @@ impl Default for HistorySettings {
     }
 }
 
-/// The chat platforms Parley speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Platform {
-    /// DingTalk (钉钉).
-    DingTalk,
-    /// WeCom (企业微信).
-    Wecom,
-    /// A DingTalk custom group robot (notifications).
-    #[serde(rename = "dingtalk_robot")]
-    DingTalkRobot,
-    /// A WeCom group robot (notifications).
-    #[serde(rename = "wecom_robot")]
-    WecomRobot,
-}
-
-impl Platform {
-    /// Lower-case name, used in routes and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Platform::DingTalk => "dingtalk",
-            Platform::Wecom => "wecom",
-            Platform::DingTalkRobot => "dingtalk_robot",
-            Platform::WecomRobot => "wecom_robot",
-        }
-    }
-}
-
 impl ChannelKind {
     /// The platform a channel's notifications travel on.
     pub fn platform(self) -> Platform {
@@ -560,7 +533,7 @@ impl Settings {
                     if b.token.is_empty() {
                         return Err(ConfigError::new(key("token"), "must not be empty"));
                     }
-                    crate::wecom::crypto::WecomCrypto::new(
+                    crate::platform::wecom::crypto::WecomCrypto::new(
                         b.token.expose(),
                         b.encoding_aes_key.expose(),
                         &b.corp_id,
@@ -645,13 +618,6 @@ impl Settings {
             }
         }
         Ok(())
-    }
-
-    /// The bot with this platform and id.
-    pub fn bot(&self, platform: Platform, id: &str) -> Option<&BotSettings> {
-        self.bots
-            .iter()
-            .find(|b| b.platform() == platform && b.id() == id)
     }
 }
 

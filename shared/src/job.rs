@@ -2,11 +2,38 @@
 //! ingress and worker replicas of different releases can share a queue during a rollout:
 //! a worker refuses (dead-letters) a version it does not know instead of guessing.
 
-use crate::config::Platform;
 use serde::{Deserialize, Serialize};
 
 /// The schema version this build writes and understands.
 pub const JOB_VERSION: u32 = 1;
+
+/// The chat platforms Parley speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    /// DingTalk (钉钉).
+    DingTalk,
+    /// WeCom (企业微信).
+    Wecom,
+    /// A DingTalk custom group robot (notifications).
+    #[serde(rename = "dingtalk_robot")]
+    DingTalkRobot,
+    /// A WeCom group robot (notifications).
+    #[serde(rename = "wecom_robot")]
+    WecomRobot,
+}
+
+impl Platform {
+    /// Lower-case name, used in routes and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::DingTalk => "dingtalk",
+            Platform::Wecom => "wecom",
+            Platform::DingTalkRobot => "dingtalk_robot",
+            Platform::WecomRobot => "wecom_robot",
+        }
+    }
+}
 
 /// One chat message to answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

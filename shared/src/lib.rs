@@ -1,25 +1,25 @@
-//! Parley's shared core. This crate owns everything the ingress and the worker both need:
-//! the configuration (`config`), the versioned `Job` that travels between them (`job`), the
-//! seams of ARCHITECTURE.md as traits with their embedded backends (`queue`, `cache`,
-//! `messenger`, `llm`), the platform clients and signature checks (`dingtalk`), the
-//! shared access-token cache (`token`), text splitting (`split`) and the one module that
-//! names every metric (`metrics`). Code above the seams holds `Arc<dyn Trait>` and never
-//! knows which backend sits behind it.
+//! Parley's shared core: everything the ingress and the worker both need, grouped by what
+//! it owns. `job` holds the domain types that travel between them (the versioned `Job`,
+//! its content and reply target, the `Platform`). `platform` is the messenger seam and one
+//! folder per platform (`dingtalk`, `wecom`, group `robots`), each with its callback
+//! checks and parsing, wire types, client and limits, over one shared "post JSON, classify
+//! the platform's error" path and the shared access-token cache. `queue` and `cache` are
+//! the seams of ARCHITECTURE.md as traits with their backends (memory and RabbitMQ; memory
+//! and Redis); `llm` is the model client; `notify` is what a notice is (the request body
+//! and Alertmanager rendering). Besides: `config`, `metrics` (the one module that names
+//! every metric), `secret` and `split` (text splitting). Code above the seams holds
+//! `Arc<dyn Trait>` and never knows which backend sits behind it.
 
-pub mod api;
 pub mod cache;
 pub mod config;
-pub mod dingtalk;
 pub mod job;
 pub mod llm;
-pub mod messenger;
 pub mod metrics;
 pub mod notify;
+pub mod platform;
 pub mod queue;
 pub mod secret;
 pub mod split;
-pub mod token;
-pub mod wecom;
 
 /// Milliseconds since the Unix epoch, the unit both platforms use for timestamps.
 pub fn now_ms() -> i64 {

@@ -440,7 +440,7 @@ pub async fn send_callback(
     body: &[u8],
 ) -> reqwest::Result<reqwest::Response> {
     let timestamp = shared::now_ms().to_string();
-    let sign = shared::dingtalk::sign::sign(app_secret, &timestamp);
+    let sign = shared::platform::dingtalk::sign::sign(app_secret, &timestamp);
     client
         .post(url)
         .header("timestamp", timestamp)
@@ -1251,7 +1251,7 @@ mod tests {
             "/cb",
             post(|headers: HeaderMap, body: Bytes| async move {
                 let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-                let verified = shared::dingtalk::sign::verify_callback(
+                let verified = shared::platform::dingtalk::sign::verify_callback(
                     "secret1",
                     header("timestamp"),
                     header("sign"),

@@ -23,7 +23,7 @@ use reqwest::Url;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use serde::Serialize;
 use serde_json::json;
-use shared::wecom::crypto::WecomCrypto;
+use shared::platform::wecom::crypto::WecomCrypto;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -863,7 +863,7 @@ impl Signer {
         let now = shared::now_ms();
         if now / 1000 != self.second {
             let timestamp = now.to_string();
-            let sign = shared::dingtalk::sign::sign(&self.secret, &timestamp);
+            let sign = shared::platform::dingtalk::sign::sign(&self.secret, &timestamp);
             // Both are ASCII digits / base64, always valid header values.
             if let (Ok(ts), Ok(sig)) = (
                 HeaderValue::from_str(&timestamp),
@@ -1021,7 +1021,7 @@ mod tests {
                     async move {
                         let ts = headers.get("timestamp").and_then(|v| v.to_str().ok());
                         let sign = headers.get("sign").and_then(|v| v.to_str().ok());
-                        if shared::dingtalk::sign::verify_callback(
+                        if shared::platform::dingtalk::sign::verify_callback(
                             "s3cret",
                             ts,
                             sign,
@@ -1081,9 +1081,9 @@ mod tests {
     /// answers 200, and replies with the message's text through [`WecomMessenger`] at
     /// `api_base`. Every MsgId it accepts goes into `seen`.
     ///
-    /// [`WecomMessenger`]: shared::wecom::client::WecomMessenger
+    /// [`WecomMessenger`]: shared::platform::wecom::client::WecomMessenger
     fn wecom_stand_in(api_base: String, seen: Arc<Mutex<Vec<String>>>) -> Router {
-        use shared::messenger::{Messenger, OutgoingMessage};
+        use shared::platform::{Messenger, OutgoingMessage};
         use shared::secret::Secret;
         let bot = shared::config::WecomBot {
             id: "bot1".into(),
@@ -1098,10 +1098,10 @@ mod tests {
         };
         let crypto =
             WecomCrypto::new(SAMPLE_WECOM_TOKEN, SAMPLE_ENCODING_AES_KEY, SAMPLE_CORP_ID).unwrap();
-        let tokens = Arc::new(shared::token::TokenCache::new(Arc::new(
+        let tokens = Arc::new(shared::platform::token::TokenCache::new(Arc::new(
             shared::cache::MemoryCache::new(),
         )));
-        let messenger = Arc::new(shared::wecom::client::WecomMessenger::new(
+        let messenger = Arc::new(shared::platform::wecom::client::WecomMessenger::new(
             reqwest::Client::new(),
             bot.clone(),
             tokens,
@@ -1118,7 +1118,7 @@ mod tests {
                             url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
                                 .into_owned()
                                 .collect();
-                        let opened = shared::wecom::open_callback(
+                        let opened = shared::platform::wecom::open_callback(
                             &crypto,
                             &q["msg_signature"],
                             &q["timestamp"],
@@ -1129,7 +1129,7 @@ mod tests {
                             return axum::http::StatusCode::UNAUTHORIZED;
                         };
                         seen.lock().unwrap().push(msg.msg_id.clone().unwrap());
-                        let job = shared::wecom::callback::to_job(&bot, &msg, 0).unwrap();
+                        let job = shared::platform::wecom::callback::to_job(&bot, &msg, 0).unwrap();
                         tokio::spawn(async move {
                             let text = OutgoingMessage::text(job.text().unwrap_or_default());
                             messenger.send(&job, &text).await.unwrap();
@@ -1257,7 +1257,12 @@ mod tests {
             post(|headers: axum::http::HeaderMap| async move {
                 let ts = headers.get("timestamp").and_then(|v| v.to_str().ok());
                 let sign = headers.get("sign").and_then(|v| v.to_str().ok());
-                match shared::dingtalk::sign::verify_callback("right", ts, sign, shared::now_ms()) {
+                match shared::platform::dingtalk::sign::verify_callback(
+                    "right",
+                    ts,
+                    sign,
+                    shared::now_ms(),
+                ) {
                     Ok(()) => axum::http::StatusCode::OK,
                     Err(_) => axum::http::StatusCode::UNAUTHORIZED,
                 }

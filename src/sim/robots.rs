@@ -28,7 +28,7 @@ use axum::response::Json;
 use axum::routing::post;
 use serde::Serialize;
 use serde_json::{Value, json};
-use shared::dingtalk::sign::{SignError, verify_callback};
+use shared::platform::dingtalk::sign::{SignError, verify_callback};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -620,7 +620,7 @@ fn wecom_accept(inner: &Inner, key: &str, body: &[u8]) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::dingtalk::sign::{MAX_SKEW_MS, sign, webhook_query};
+    use shared::platform::dingtalk::sign::{MAX_SKEW_MS, sign, webhook_query};
 
     /// The `typical_SEC_secret` case of tests/vectors/dingtalk_webhook_sign.json.
     const SECRET: &str = "SEC5pxjtwodlhcvylmr2rjdzc399wegfqaw8cnemmwzuk8lmhiaqes1mnggenlnsntl";

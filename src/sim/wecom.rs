@@ -13,7 +13,7 @@ use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use shared::wecom::crypto::WecomCrypto;
+use shared::platform::wecom::crypto::WecomCrypto;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;

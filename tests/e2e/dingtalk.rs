@@ -52,7 +52,7 @@ async fn callback_with_forged_signature_is_rejected_without_a_job(backend: Backe
     let app = TestApp::spawn(backend).await;
     let body = serde_json::to_vec(&app.body(&app.group("f1", "hi"))).unwrap();
     let ts = shared::now_ms().to_string();
-    let forged = shared::dingtalk::sign::sign("not-the-secret", &ts);
+    let forged = shared::platform::dingtalk::sign::sign("not-the-secret", &ts);
     let resp = app.send_signed_as(body.clone(), &ts, &forged).await;
     assert_eq!(resp.status(), 401);
     let resp = app
@@ -72,7 +72,7 @@ async fn callback_with_stale_timestamp_is_rejected(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let body = serde_json::to_vec(&app.body(&app.group("t1", "hi"))).unwrap();
     let ts = (shared::now_ms() - 3_700_000).to_string();
-    let sign = shared::dingtalk::sign::sign(APP_SECRET, &ts);
+    let sign = shared::platform::dingtalk::sign::sign(APP_SECRET, &ts);
     assert_eq!(app.send_signed_as(body, &ts, &sign).await.status(), 403);
     app.assert_settled_at(0).await;
     assert_eq!(app.llm.request_count(), 0);
@@ -273,7 +273,7 @@ async fn markdown_answer_goes_out_as_markdown_and_reasoning_never_reaches_the_ch
 async fn malformed_json_and_oversized_body_are_4xx_and_the_server_keeps_serving(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let ts = shared::now_ms().to_string();
-    let sign = shared::dingtalk::sign::sign(APP_SECRET, &ts);
+    let sign = shared::platform::dingtalk::sign::sign(APP_SECRET, &ts);
     let resp = app
         .send_signed_as(b"{\"msgtype\": \"text\", ".to_vec(), &ts, &sign)
         .await;

@@ -12,7 +12,7 @@ use shared::cache::Cache;
 use shared::config::{HistorySettings, Settings};
 use shared::job::{Content, Job};
 use shared::llm::{ChatMessage, LlmClient, Role};
-use shared::messenger::looks_like_markdown;
+use shared::platform::looks_like_markdown;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;

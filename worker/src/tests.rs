@@ -3,9 +3,9 @@
 use super::*;
 use async_trait::async_trait;
 use shared::cache::{Cache, MemoryCache};
-use shared::config::Platform;
+use shared::job::Platform;
 use shared::job::{Content, JOB_VERSION, Job, ReplyTarget, RobotTarget, Sender};
-use shared::messenger::{Messenger, OutgoingMessage, SendError};
+use shared::platform::{Messenger, OutgoingMessage, SendError};
 use shared::queue::{JobQueue, MemoryQueue};
 use shared::split::Limit;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,18 @@
-//! The messenger seam: deliver one message part to the conversation a Job came from. The
-//! worker splits answers to `limit()` and sends parts in order; a messenger only knows its
-//! platform's APIs, and says through [`SendError`] whether a failure is worth retrying.
+//! The platforms Parley talks to, and the messenger seam they share: deliver one message
+//! part to the conversation a Job came from. The worker splits answers to `limit()` and
+//! sends parts in order; a messenger only knows its platform's APIs, and says through
+//! [`SendError`] whether a failure is worth retrying.
+//!
+//! One folder per platform (`dingtalk`, `wecom`, `robots`) holds its callback checks and
+//! parsing, wire types, client and limits. What they share sits here: the messenger trait
+//! and markdown helpers, the one "post JSON, classify the platform's error, count it" path
+//! (`api`), and the access-token cache (`token`). A new platform is a new folder.
+
+pub mod api;
+pub mod dingtalk;
+pub mod robots;
+pub mod token;
+pub mod wecom;
 
 use crate::job::Job;
 use crate::split::Limit;
@@ -46,8 +58,8 @@ pub enum SendError {
     Permanent(String),
 }
 
-impl From<crate::token::TokenRefused> for SendError {
-    fn from(e: crate::token::TokenRefused) -> Self {
+impl From<crate::platform::token::TokenRefused> for SendError {
+    fn from(e: crate::platform::token::TokenRefused) -> Self {
         SendError::Retryable {
             reason: e.to_string(),
             after: None,

@@ -6,12 +6,13 @@
 //! blocks an over-eager robot for ten minutes).
 
 use super::ratelimit::WindowLimiter;
-use crate::api::PlatformApi;
 use crate::config::{ChannelKind, ChannelSettings};
 use crate::job::{Job, ReplyTarget, RobotTarget};
-use crate::messenger::{Messenger, OutgoingMessage, SendError};
+use crate::platform::api::{PlatformApi, Verdict};
+use crate::platform::{Messenger, OutgoingMessage, SendError};
 use crate::split::Limit;
 use async_trait::async_trait;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +82,7 @@ impl RobotMessenger {
             json!({"atMobiles": at.at_mobiles, "atUserIds": at.at_user_ids, "isAtAll": at.at_all});
         if message.markdown {
             if title.is_empty() {
-                title = crate::messenger::markdown_title(&text);
+                title = crate::platform::markdown_title(&text);
             }
             json!({"msgtype": "markdown", "markdown": {"title": title, "text": text}, "at": at})
         } else {
@@ -106,7 +107,10 @@ impl RobotMessenger {
         match &self.channel.secret {
             Some(secret) => {
                 let sep = if base.contains('?') { '&' } else { '?' };
-                let query = crate::dingtalk::sign::webhook_query(secret.expose(), crate::now_ms());
+                let query = crate::platform::dingtalk::sign::webhook_query(
+                    secret.expose(),
+                    crate::now_ms(),
+                );
                 format!("{base}{sep}{query}")
             }
             None => base.to_string(),
@@ -119,7 +123,9 @@ impl Messenger for RobotMessenger {
     fn limit(&self, markdown: bool) -> Limit {
         match (self.channel.kind, markdown) {
             // DingTalk: bodies up to 20,000 bytes; keep parts like chat answers.
-            (ChannelKind::DingtalkRobot, _) => Limit::Chars(crate::dingtalk::client::PART_CHARS),
+            (ChannelKind::DingtalkRobot, _) => {
+                Limit::Chars(crate::platform::dingtalk::client::PART_CHARS)
+            }
             (ChannelKind::WecomRobot, false) => Limit::Bytes(2048),
             (ChannelKind::WecomRobot, true) => Limit::Bytes(4096),
         }
@@ -138,40 +144,29 @@ impl Messenger for RobotMessenger {
                 reason: format!("rate-limit store: {e}"),
                 after: None,
             })?;
-        let resp = self
-            .api
-            .http
-            .post(self.url())
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| self.api.network_error("robot_send", &e))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or_default();
-        let code = v["errcode"].as_i64();
-        let outcome = match code {
-            Some(0) if status.is_success() => {
-                self.api.record("robot_send", "ok");
-                return Ok(());
-            }
-            // Throttled: DingTalk 130101 (then blocked 10 min), WeCom 45009; busy: -1.
-            Some(130101) => ("throttled", Some(Duration::from_secs(600))),
-            Some(45009) => ("throttled", Some(Duration::from_secs(60))),
-            Some(-1) => ("busy", Some(Duration::from_secs(5))),
-            _ if status.is_server_error() || code.is_none() => ("error", None),
-            _ => {
-                self.api.record("robot_send", "refused");
-                let msg = v["errmsg"].as_str().unwrap_or_default();
-                return Err(SendError::Permanent(format!(
-                    "robot refused (errcode {}, {msg})",
-                    code.unwrap_or_default()
-                )));
-            }
-        };
-        self.api.record("robot_send", outcome.0);
-        Err(SendError::Retryable {
-            reason: format!("robot {} (HTTP {status}, errcode {code:?})", outcome.0),
-            after: outcome.1,
-        })
+        let request = self.api.http.post(self.url()).json(&body);
+        self.api.call("robot_send", request, robot_table).await
     }
+}
+
+/// The group robots' error table. Throttled: DingTalk 130101 (then blocked ten minutes),
+/// WeCom 45009; busy: -1; a 5xx or an answer without errcode is worth retrying.
+fn robot_table(status: StatusCode, body: &Value) -> Verdict<()> {
+    let code = body["errcode"].as_i64();
+    let (outcome, after) = match code {
+        Some(0) if status.is_success() => return Verdict::ok(()),
+        Some(130101) => ("throttled", Some(Duration::from_secs(600))),
+        Some(45009) => ("throttled", Some(Duration::from_secs(60))),
+        Some(-1) => ("busy", Some(Duration::from_secs(5))),
+        _ if status.is_server_error() || code.is_none() => ("error", None),
+        _ => {
+            let msg = body["errmsg"].as_str().unwrap_or_default();
+            return Verdict::refused(format!(
+                "robot refused (errcode {}, {msg})",
+                code.unwrap_or_default()
+            ));
+        }
+    };
+    let reason = format!("robot {outcome} (HTTP {status}, errcode {code:?})");
+    Verdict::retry(outcome, reason, after)
 }

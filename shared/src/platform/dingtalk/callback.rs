@@ -3,7 +3,7 @@
 //! fields, non-text payloads under `content`), strict where a wrong guess would misroute an
 //! answer (message id, conversation id and type must be present).
 
-use crate::config::Platform;
+use crate::job::Platform;
 use crate::job::{Content, DingTalkTarget, JOB_VERSION, Job, ReplyTarget, Sender};
 use serde::Deserialize;
 

@@ -4,7 +4,8 @@
 //! "what is supported" reply. Messages dedupe on `MsgId`, events on sender + time + event.
 
 use super::xml::WecomMessage;
-use crate::config::{Platform, WecomBot};
+use crate::config::WecomBot;
+use crate::job::Platform;
 use crate::job::{Content, JOB_VERSION, Job, ReplyTarget, Sender, WecomTarget};
 
 /// The job for `msg`, or None when it needs no answer.
@@ -73,8 +74,8 @@ pub fn to_job(bot: &WecomBot, msg: &WecomMessage, now_ms: i64) -> Option<Job> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::platform::wecom::xml::parse_message;
     use crate::secret::Secret;
-    use crate::wecom::xml::parse_message;
 
     fn bot(welcome: Option<&str>) -> WecomBot {
         WecomBot {

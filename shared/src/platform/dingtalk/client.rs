@@ -1,0 +1,237 @@
+//! The DingTalk messenger. An answer goes through the conversation's sessionWebhook while it
+//! is valid (no token, and a group answer can @ the sender), otherwise through the OpenAPI
+//! robot sends with the app's access token from the shared [`TokenCache`]. A token DingTalk
+//! refuses (`InvalidAuthentication`, 401) is dropped and the call made once more with a
+//! fresh one; throttling (403 `…QpsLimit…`, errcode 130101, -1) is reported as retryable.
+
+use crate::config::DingTalkBot;
+use crate::job::{DingTalkTarget, Job, ReplyTarget};
+use crate::platform::api::{PlatformApi, Verdict};
+use crate::platform::token::{AccessToken, Authorized, TokenCache};
+use crate::platform::{Messenger, OutgoingMessage, SendError};
+use crate::secret::Secret;
+use crate::split::Limit;
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Characters per message part: DingTalk rejects bodies over 20 000 bytes and is reported to
+/// drop long markdown, so parts stay well below both.
+pub const PART_CHARS: usize = 3500;
+/// A sessionWebhook closer than this to expiry is not used (the send itself takes time).
+const WEBHOOK_MARGIN_MS: i64 = 60_000;
+
+/// Sends answers for one DingTalk bot.
+#[derive(Debug)]
+pub struct DingTalkMessenger {
+    api: PlatformApi,
+    bot: DingTalkBot,
+}
+
+/// What a sessionWebhook send came to.
+enum Webhook {
+    Sent,
+    /// The session is gone: use OpenAPI instead.
+    Expired,
+}
+
+impl DingTalkMessenger {
+    /// A messenger for `bot`, sharing `http` and `tokens` with the rest of the process.
+    pub fn new(http: reqwest::Client, bot: DingTalkBot, tokens: Arc<TokenCache>) -> Self {
+        let token_key = format!("token:dingtalk:{}", bot.app_key);
+        let api = PlatformApi::new("dingtalk", http, &bot.api_base, tokens, token_key);
+        Self { api, bot }
+    }
+
+    async fn fetch_token(&self) -> Result<AccessToken, SendError> {
+        let body = json!({"appKey": self.bot.app_key, "appSecret": self.bot.app_secret.expose()});
+        let request = self
+            .api
+            .http
+            .post(self.api.url("/v1.0/oauth2/accessToken"))
+            .json(&body);
+        self.api.call("token", request, token_table).await
+    }
+
+    /// POSTs to an OpenAPI path with the access token, refreshing it once if refused.
+    async fn openapi(&self, api: &str, path: &str, body: &Value) -> Result<Value, SendError> {
+        let url = self.api.url(path);
+        let fetch = || self.fetch_token();
+        let call = |token: Secret| {
+            let request = self
+                .api
+                .http
+                .post(&url)
+                .header("x-acs-dingtalk-access-token", token.expose())
+                .json(body);
+            self.api
+                .call(api, request, move |status, v| openapi_table(api, status, v))
+        };
+        self.api.with_token(fetch, call).await
+    }
+
+    async fn via_webhook(
+        &self,
+        url: &str,
+        target: &DingTalkTarget,
+        message: &OutgoingMessage,
+    ) -> Result<Webhook, SendError> {
+        let at_ids: Vec<&str> = if target.group {
+            target.sender_staff_id.as_deref().into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let at = json!({"atUserIds": at_ids, "isAtAll": false});
+        let body = if message.markdown {
+            json!({"msgtype": "markdown", "markdown": {"title": message.title, "text": message.text}, "at": at})
+        } else {
+            json!({"msgtype": "text", "text": {"content": message.text}, "at": at})
+        };
+        let request = self.api.http.post(url).json(&body);
+        self.api
+            .call("session_webhook", request, webhook_table)
+            .await
+    }
+
+    async fn via_openapi(
+        &self,
+        target: &DingTalkTarget,
+        message: &OutgoingMessage,
+    ) -> Result<(), SendError> {
+        let (key, param) = if message.markdown {
+            (
+                "sampleMarkdown",
+                json!({"title": message.title, "text": message.text}),
+            )
+        } else {
+            ("sampleText", json!({"content": message.text}))
+        };
+        let robot_code = target
+            .robot_code
+            .as_deref()
+            .unwrap_or(self.bot.robot_code());
+        if target.group {
+            let body = json!({
+                "robotCode": robot_code,
+                "openConversationId": target.conversation_id,
+                "msgKey": key,
+                "msgParam": param.to_string(),
+            });
+            self.openapi("group_send", "/v1.0/robot/groupMessages/send", &body)
+                .await
+                .map(drop)
+        } else {
+            let Some(staff) = &target.sender_staff_id else {
+                return Err(SendError::Permanent(
+                    "no staffId for a one-to-one OpenAPI send".into(),
+                ));
+            };
+            let body = json!({
+                "robotCode": robot_code,
+                "userIds": [staff],
+                "msgKey": key,
+                "msgParam": param.to_string(),
+            });
+            self.openapi("oto_send", "/v1.0/robot/oToMessages/batchSend", &body)
+                .await
+                .map(drop)
+        }
+    }
+}
+
+/// DingTalk's error table for the access-token fetch.
+fn token_table(status: StatusCode, body: &Value) -> Verdict<AccessToken> {
+    match (body["accessToken"].as_str(), body["expireIn"].as_u64()) {
+        (Some(t), Some(secs)) if status.is_success() => Verdict::ok(AccessToken {
+            value: Secret::new(t),
+            expires_in: Duration::from_secs(secs),
+        }),
+        _ => {
+            let code = body["code"].as_str().unwrap_or("unknown");
+            let reason = format!("access token refused ({status}, {code})");
+            if status.is_server_error() || code.contains("Limit") {
+                Verdict::retry("error", reason, None)
+            } else {
+                Verdict::new("error", Err(SendError::Permanent(reason)))
+            }
+        }
+    }
+}
+
+/// DingTalk's error table for the OpenAPI robot sends: a refused token is 401 or 400
+/// `InvalidAuthentication`; throttling is 403 `…Limit…`, 429, 5xx, or a success that
+/// flow-controlled the recipient.
+fn openapi_table(api: &str, status: StatusCode, body: &Value) -> Verdict<Authorized<Value>> {
+    let status = status.as_u16();
+    let code = body["code"].as_str().unwrap_or_default();
+    if status == 401 || (status == 400 && code == "InvalidAuthentication") {
+        return Verdict::token_refused();
+    }
+    if (200..300).contains(&status) {
+        let throttled = body["flowControlledStaffIdList"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty());
+        if throttled {
+            return Verdict::retry(
+                "throttled",
+                "recipient flow-controlled".into(),
+                Some(Duration::from_secs(1)),
+            );
+        }
+        return Verdict::ok(Authorized::Ok(body.clone()));
+    }
+    let reason = format!("{api} failed ({status}, {code})");
+    if status == 403 && code.contains("Limit") || status >= 500 || status == 429 {
+        Verdict::retry("throttled", reason, Some(Duration::from_secs(1)))
+    } else {
+        Verdict::refused(reason)
+    }
+}
+
+/// DingTalk's error table for sessionWebhook sends: 300001/300002 mean the session is
+/// gone; 130101, -1, 90018 and 90002 mean busy.
+fn webhook_table(status: StatusCode, body: &Value) -> Verdict<Webhook> {
+    match body["errcode"].as_i64() {
+        Some(0) if status.is_success() => Verdict::ok(Webhook::Sent),
+        Some(300001) | Some(300002) => Verdict::new("expired", Ok(Webhook::Expired)),
+        Some(code @ (130101 | -1 | 90018 | 90002)) => Verdict::retry(
+            "throttled",
+            format!("session webhook busy (errcode {code})"),
+            Some(Duration::from_secs(2)),
+        ),
+        _ if status.is_server_error() => {
+            Verdict::retry("error", format!("session webhook answered {status}"), None)
+        }
+        code => Verdict::refused(format!(
+            "session webhook refused ({status}, errcode {})",
+            code.map(|c| c.to_string()).unwrap_or_else(|| "none".into())
+        )),
+    }
+}
+
+#[async_trait]
+impl Messenger for DingTalkMessenger {
+    fn limit(&self, _markdown: bool) -> Limit {
+        Limit::Chars(PART_CHARS)
+    }
+
+    async fn send(&self, job: &Job, message: &OutgoingMessage) -> Result<(), SendError> {
+        let ReplyTarget::DingTalk(target) = &job.reply else {
+            return Err(SendError::Permanent("not a DingTalk conversation".into()));
+        };
+        let webhook = target.session_webhook.as_deref().filter(|_| {
+            target
+                .session_webhook_expires_ms
+                .is_none_or(|exp| exp - crate::now_ms() > WEBHOOK_MARGIN_MS)
+        });
+        if let Some(url) = webhook {
+            match self.via_webhook(url, target, message).await? {
+                Webhook::Sent => return Ok(()),
+                Webhook::Expired => {}
+            }
+        }
+        self.via_openapi(target, message).await
+    }
+}
