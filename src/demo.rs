@@ -5,9 +5,9 @@
 //! with what the model was sent, and exits 0 only if every message got its answer.
 
 use crate::app::Application;
-use crate::sim::{CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions};
 use anyhow::{Context, ensure};
 use shared::config::Settings;
+use sim::{CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -128,7 +128,7 @@ api_base = "{}"
         };
         let body = serde_json::to_vec(&dingtalk.callback_body(&spec))?;
         let before = llm.request_count();
-        let resp = crate::sim::send_callback(&client, &url, APP_SECRET, &body).await?;
+        let resp = sim::send_callback(&client, &url, APP_SECRET, &body).await?;
         ensure!(
             resp.status().is_success(),
             "callback refused: {}",

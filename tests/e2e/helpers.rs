@@ -2,12 +2,12 @@
 //! configuration points at them. Tests change configuration, never code paths.
 
 use parley::app::{Application, Roles};
-use parley::sim::{
+use serde_json::Value;
+use shared::config::Settings;
+use sim::{
     CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeWecom,
     FakeWecomApp, SentMessage,
 };
-use serde_json::Value;
-use shared::config::Settings;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -389,7 +389,7 @@ welcome_text = "欢迎使用 AI 助手"
 
     pub(crate) async fn send_body(&self, body: &Value) -> reqwest::Response {
         let bytes = serde_json::to_vec(body).unwrap();
-        parley::sim::send_callback(&self.client, &self.callback_url(), APP_SECRET, &bytes)
+        sim::send_callback(&self.client, &self.callback_url(), APP_SECRET, &bytes)
             .await
             .unwrap()
     }

@@ -1,12 +1,15 @@
-//! Faithful fakes of the platforms and the model, plus a load generator; used by tests,
-//! `parley demo` and `parley sim`.
-//!
-//! [`FakeDingTalk`] plays DingTalk's side (access tokens, robot sends, sessionWebhooks, signed
-//! callbacks), [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint, [`FakeRobots`]
-//! the group-robot webhooks notifications go to, [`run_load`] an open-loop callback
-//! generator for benchmarks and [`run_notify_load`] a notification burst against fake robots. The fakes speak the wire formats of
-//! PROTOCOLS.md, record what they receive, accept scripted faults, bind port 0 in tests and
-//! start in milliseconds.
+//! Parley's simulation kit: faithful fakes of the platforms and the model, and the load
+//! generators, kept out of the production crates. [`FakeDingTalk`] plays DingTalk's side
+//! (access tokens, robot sends, sessionWebhooks, signed callbacks), [`FakeWecom`] WeCom's
+//! (access tokens, message/send, encrypted callbacks), [`FakeLlm`] an OpenAI-compatible
+//! Chat Completions endpoint, [`FakeRobots`] the group-robot webhooks notifications go to;
+//! [`FakeStack`] starts the ones asked for together with a configuration pointing at them
+//! (used by `parley demo`, the end-to-end tests and `parley sim serve`). [`run_load`] is an
+//! open-loop callback generator for benchmarks and [`run_notify_load`] a notification burst
+//! against fake robots. The fakes speak the wire formats of PROTOCOLS.md, record what they
+//! receive, accept scripted faults, bind port 0 in tests and start in milliseconds. This
+//! crate depends on `parley-shared` for wire types, signing and crypto, never on the binary:
+//! whoever needs a running Parley starts it and points it at these fakes.
 
 pub mod dingtalk;
 pub mod load;
