@@ -72,7 +72,7 @@ pub enum Command {
     Sim {
         /// Which.
         #[command(subcommand)]
-        command: crate::sim::SimCommand,
+        command: sim::SimCommand,
     },
     /// Validate the configuration and exit.
     CheckConfig,
@@ -151,7 +151,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Sim { command } => crate::sim::run(command).await,
+        Command::Sim { command } => sim::run(command).await,
     }
 }
 

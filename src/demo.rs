@@ -5,9 +5,9 @@
 //! with what the model was sent, and exits 0 only if every message got its answer.
 
 use crate::app::Application;
-use crate::sim::{CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions};
 use anyhow::{Context, ensure};
 use shared::config::Settings;
+use sim::{CallbackSpec, ConversationType, FakeApp, FakeLlmOptions, FakeStack};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -23,43 +23,26 @@ struct Step {
 
 /// Runs the demo.
 pub async fn run() -> anyhow::Result<()> {
-    let local = "127.0.0.1:0".parse()?;
-    let dingtalk = FakeDingTalk::start(
-        local,
-        vec![FakeApp {
-            app_key: APP_KEY.into(),
-            app_secret: APP_SECRET.into(),
-        }],
-    )
-    .await?;
-    let llm = FakeLlm::start(
-        local,
-        FakeLlmOptions {
+    let stack = FakeStack::builder()
+        .dingtalk_bot("demo", FakeApp::new(APP_KEY, APP_SECRET))
+        .llm(FakeLlmOptions {
             api_key: "sk-demo".into(),
             latency: Duration::from_millis(150),
             ..FakeLlmOptions::default()
-        },
-    )
-    .await?;
+        })
+        .model(
+            "fake-gpt",
+            r#"system_prompt = "You are Parley's demo assistant.""#,
+        )
+        .start()
+        .await?;
+    let (dingtalk, llm) = (
+        stack.dingtalk.clone().context("no fake DingTalk")?,
+        &stack.llm,
+    );
     let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[llm]
-base_url = "{}"
-api_key = "sk-demo"
-model = "fake-gpt"
-system_prompt = "You are Parley's demo assistant."
-[[bots]]
-id = "demo"
-platform = "dingtalk"
-app_key = "{APP_KEY}"
-app_secret = "{APP_SECRET}"
-api_base = "{}"
-"#,
-        llm.base_url(),
-        dingtalk.base_url()
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}",
+        stack.config_toml()
     );
     let settings = Settings::from_toml(&toml, |_| None)?;
     let app = Application::build(settings).await?;
@@ -128,7 +111,7 @@ api_base = "{}"
         };
         let body = serde_json::to_vec(&dingtalk.callback_body(&spec))?;
         let before = llm.request_count();
-        let resp = crate::sim::send_callback(&client, &url, APP_SECRET, &body).await?;
+        let resp = sim::send_callback(&client, &url, APP_SECRET, &body).await?;
         ensure!(
             resp.status().is_success(),
             "callback refused: {}",
@@ -165,7 +148,6 @@ api_base = "{}"
     println!(
         "Every message got exactly one answer. Next: write parley.toml (see parley.example.toml) and run `parley serve`."
     );
-    dingtalk.shutdown();
-    llm.shutdown();
+    stack.shutdown();
     Ok(())
 }

@@ -165,51 +165,46 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    fn status(&self) -> StatusCode {
+    /// The one mapping from a rejection to its HTTP status and its
+    /// `parley_http_requests_total{outcome}` label, so the two never drift apart.
+    pub fn classify(&self) -> (StatusCode, &'static str) {
         use dingtalk::sign::SignError::*;
+        use shared::notify::request::RequestError;
         match self {
-            Rejection::UnknownBot => StatusCode::NOT_FOUND,
-            Rejection::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::Unreadable => StatusCode::BAD_REQUEST,
-            Rejection::Signature(MissingHeader | SignatureMismatch) => StatusCode::UNAUTHORIZED,
-            Rejection::Signature(StaleTimestamp) => StatusCode::FORBIDDEN,
-            Rejection::Signature(MalformedTimestamp) => StatusCode::BAD_REQUEST,
-            Rejection::Malformed(_) | Rejection::MissingParam(_) => StatusCode::BAD_REQUEST,
-            Rejection::StaleTimestamp => StatusCode::FORBIDDEN,
-            Rejection::Crypto(CryptoError::SignatureMismatch) => StatusCode::UNAUTHORIZED,
-            Rejection::Crypto(CryptoError::ReceiveIdMismatch) => StatusCode::FORBIDDEN,
-            Rejection::Crypto(_) => StatusCode::BAD_REQUEST,
-            Rejection::Xml(XmlError::TooLarge) => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::Xml(_) => StatusCode::BAD_REQUEST,
-            Rejection::Queue(_) | Rejection::CacheDown => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::Unauthorized => StatusCode::UNAUTHORIZED,
-            Rejection::Notice(shared::notify::request::RequestError::Render(_)) => {
-                StatusCode::UNPROCESSABLE_ENTITY
+            Rejection::UnknownBot => (StatusCode::NOT_FOUND, "unknown_bot"),
+            Rejection::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Rejection::Unreadable => (StatusCode::BAD_REQUEST, "unreadable"),
+            Rejection::Signature(MissingHeader | SignatureMismatch) => {
+                (StatusCode::UNAUTHORIZED, "bad_signature")
             }
-            Rejection::Notice(_) => StatusCode::BAD_REQUEST,
+            Rejection::Signature(StaleTimestamp) => (StatusCode::FORBIDDEN, "stale_timestamp"),
+            Rejection::Signature(MalformedTimestamp) => (StatusCode::BAD_REQUEST, "bad_timestamp"),
+            Rejection::Malformed(_) | Rejection::MissingParam(_) => {
+                (StatusCode::BAD_REQUEST, "malformed")
+            }
+            Rejection::StaleTimestamp => (StatusCode::FORBIDDEN, "stale_timestamp"),
+            Rejection::Crypto(CryptoError::SignatureMismatch) => {
+                (StatusCode::UNAUTHORIZED, "bad_signature")
+            }
+            Rejection::Crypto(CryptoError::ReceiveIdMismatch) => {
+                (StatusCode::FORBIDDEN, "wrong_receiver")
+            }
+            Rejection::Crypto(_) => (StatusCode::BAD_REQUEST, "bad_ciphertext"),
+            Rejection::Xml(XmlError::TooLarge) => (StatusCode::PAYLOAD_TOO_LARGE, "malformed"),
+            Rejection::Xml(_) => (StatusCode::BAD_REQUEST, "malformed"),
+            Rejection::Queue(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable"),
+            Rejection::CacheDown => (StatusCode::SERVICE_UNAVAILABLE, "cache_unavailable"),
+            Rejection::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Rejection::Notice(RequestError::Render(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "malformed")
+            }
+            Rejection::Notice(_) => (StatusCode::BAD_REQUEST, "malformed"),
         }
     }
 
     /// Label for `parley_http_requests_total{outcome}`.
     pub fn outcome(&self) -> &'static str {
-        use dingtalk::sign::SignError::*;
-        match self {
-            Rejection::UnknownBot => "unknown_bot",
-            Rejection::TooLarge => "too_large",
-            Rejection::Unreadable => "unreadable",
-            Rejection::Signature(MissingHeader | SignatureMismatch) => "bad_signature",
-            Rejection::Signature(StaleTimestamp) => "stale_timestamp",
-            Rejection::Signature(MalformedTimestamp) => "bad_timestamp",
-            Rejection::Malformed(_) | Rejection::Xml(_) | Rejection::MissingParam(_) => "malformed",
-            Rejection::StaleTimestamp => "stale_timestamp",
-            Rejection::Crypto(CryptoError::SignatureMismatch) => "bad_signature",
-            Rejection::Crypto(CryptoError::ReceiveIdMismatch) => "wrong_receiver",
-            Rejection::Crypto(_) => "bad_ciphertext",
-            Rejection::Queue(_) => "queue_unavailable",
-            Rejection::Unauthorized => "unauthorized",
-            Rejection::Notice(_) => "malformed",
-            Rejection::CacheDown => "cache_unavailable",
-        }
+        self.classify().1
     }
 }
 
@@ -297,7 +292,7 @@ fn record(
             "duplicate"
         }
         Err(r) => {
-            if r.status().is_server_error() {
+            if r.classify().0.is_server_error() {
                 tracing::error!(route, bot = bot_id, reason = %r, "request not accepted");
             } else {
                 tracing::warn!(route, bot = bot_id, reason = %r, "request rejected");
@@ -310,8 +305,9 @@ fn record(
 
 /// The answer to a refused request: its status and a short machine-readable reason.
 fn refusal(r: &Rejection) -> Response {
-    let body = serde_json::json!({"error": r.outcome()}).to_string();
-    (r.status(), [("content-type", "application/json")], body).into_response()
+    let (status, outcome) = r.classify();
+    let body = serde_json::json!({"error": outcome}).to_string();
+    (status, [("content-type", "application/json")], body).into_response()
 }
 
 /// Records a platform callback and answers it: an empty 200 once accepted.

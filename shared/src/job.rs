@@ -57,6 +57,10 @@ pub struct Job {
     pub content: Content,
     /// Where and how the answer goes back.
     pub reply: ReplyTarget,
+    /// The ingress span's id for this message, so ingress and worker log lines of one
+    /// message can be joined; absent in jobs from older releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// The author of a message.
@@ -213,6 +217,7 @@ pub(crate) mod tests {
                 sender_staff_id: Some("u1".into()),
                 robot_code: Some("ding".into()),
             }),
+            trace_id: None,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use crate::helpers::*;
 use parley::app::Roles;
-use parley::sim::ConversationType;
+use sim::ConversationType;
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
@@ -47,7 +47,7 @@ fn worker_process(app: &TestApp) -> (Proc, tempfile::TempPath) {
     (Proc(child), path)
 }
 
-fn group_spec(app: &TestApp, i: usize, text: &str) -> parley::sim::CallbackSpec {
+fn group_spec(app: &TestApp, i: usize, text: &str) -> sim::CallbackSpec {
     app.spec(
         &format!("m-{i}"),
         &format!("cid-{i}"),

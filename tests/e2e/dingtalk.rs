@@ -1,7 +1,7 @@
 //! DingTalk robot conversations end to end.
 
 use crate::helpers::*;
-use parley::sim::{ConversationType, Via};
+use sim::{ConversationType, Via};
 use std::time::Duration;
 
 async fn group_mention_is_answered_through_the_session_webhook_with_an_at(backend: Backend) {

@@ -2,12 +2,12 @@
 //! configuration points at them. Tests change configuration, never code paths.
 
 use parley::app::{Application, Roles};
-use parley::sim::{
-    CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeWecom,
-    FakeWecomApp, SentMessage,
-};
 use serde_json::Value;
 use shared::config::Settings;
+use sim::{
+    CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeStack,
+    FakeWecom, FakeWecomApp, SentMessage,
+};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -181,10 +181,6 @@ impl Running {
     }
 }
 
-fn local() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
 impl TestApp {
     pub(crate) async fn spawn(backend: Backend) -> Self {
         Self::spawn_with(backend, "").await
@@ -210,36 +206,37 @@ impl TestApp {
         if backend == Backend::Brokers {
             brokers_ready().await;
         }
-        let dingtalk = FakeDingTalk::start(
-            local(),
-            vec![FakeApp {
-                app_key: APP_KEY.into(),
-                app_secret: APP_SECRET.into(),
-            }],
-        )
-        .await
-        .unwrap();
-        let wecom = FakeWecom::start(
-            local(),
-            vec![FakeWecomApp {
-                corp_id: CORP_ID.into(),
-                corp_secret: WECOM_SECRET.into(),
-                agent_id: AGENT_ID,
-                token: WECOM_TOKEN.into(),
-                encoding_aes_key: WECOM_AES_KEY.into(),
-            }],
-        )
-        .await
-        .unwrap();
-        let llm = FakeLlm::start(
-            local(),
-            FakeLlmOptions {
+        let stack = FakeStack::builder()
+            .dingtalk_bot("main", FakeApp::new(APP_KEY, APP_SECRET))
+            .wecom_bot(
+                "wx",
+                FakeWecomApp {
+                    corp_id: CORP_ID.into(),
+                    corp_secret: WECOM_SECRET.into(),
+                    agent_id: AGENT_ID,
+                    token: WECOM_TOKEN.into(),
+                    encoding_aes_key: WECOM_AES_KEY.into(),
+                },
+                "markdown = true\nwelcome_text = \"欢迎使用 AI 助手\"",
+            )
+            .llm(FakeLlmOptions {
                 api_key: API_KEY.into(),
                 ..FakeLlmOptions::default()
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .model(
+                "test-model",
+                format!(
+                    "system_prompt = \"You are a test assistant.\"\nmax_retries = 2\n{extra_llm}"
+                ),
+            )
+            .start()
+            .await
+            .unwrap();
+        let (dingtalk, wecom, llm) = (
+            stack.dingtalk.clone().unwrap(),
+            stack.wecom.clone().unwrap(),
+            stack.llm.clone(),
+        );
         let toml = format!(
             r#"
 {backends}
@@ -247,33 +244,7 @@ impl TestApp {
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 
-[llm]
-base_url = "{llm}"
-api_key = "{API_KEY}"
-model = "test-model"
-system_prompt = "You are a test assistant."
-max_retries = 2
-{extra_llm}
-
-[[bots]]
-id = "main"
-platform = "dingtalk"
-app_key = "{APP_KEY}"
-app_secret = "{APP_SECRET}"
-api_base = "{dt}"
-
-[[bots]]
-id = "wx"
-platform = "wecom"
-corp_id = "{CORP_ID}"
-corp_secret = "{WECOM_SECRET}"
-agent_id = {AGENT_ID}
-token = "{WECOM_TOKEN}"
-encoding_aes_key = "{WECOM_AES_KEY}"
-api_base = "{wx}"
-markdown = true
-welcome_text = "欢迎使用 AI 助手"
-
+{fakes}
 {extra}
 "#,
             extra = opts.extra,
@@ -284,9 +255,7 @@ welcome_text = "欢迎使用 AI 助手"
                     None => b,
                 }
             },
-            llm = llm.base_url(),
-            dt = dingtalk.base_url(),
-            wx = wecom.base_url(),
+            fakes = stack.config_toml(),
         );
         let settings = Settings::from_toml(&toml, |_| None).unwrap();
         let app = Application::build_roles(settings, opts.roles)
@@ -389,7 +358,7 @@ welcome_text = "欢迎使用 AI 助手"
 
     pub(crate) async fn send_body(&self, body: &Value) -> reqwest::Response {
         let bytes = serde_json::to_vec(body).unwrap();
-        parley::sim::send_callback(&self.client, &self.callback_url(), APP_SECRET, &bytes)
+        sim::send_callback(&self.client, &self.callback_url(), APP_SECRET, &bytes)
             .await
             .unwrap()
     }

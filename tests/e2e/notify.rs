@@ -3,8 +3,8 @@
 //! exactly as the platforms do (the window shortened on both sides where a test says so).
 
 use crate::helpers::*;
-use parley::sim::robots::{FakeRobots, RobotKind, max_in_any_window};
 use serde_json::json;
+use sim::robots::{FakeRobots, RobotKind, max_in_any_window};
 use std::time::Duration;
 
 const TOKEN: &str = "notify-token-0123456789";

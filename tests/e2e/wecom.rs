@@ -1,7 +1,7 @@
 //! WeCom self-built app conversations end to end.
 
 use crate::helpers::*;
-use parley::sim::wecom::{event_message, text_message};
+use sim::wecom::{event_message, text_message};
 use std::time::Duration;
 
 fn text(msg_id: &str, content: &str) -> String {

@@ -49,6 +49,7 @@ fn notice(id: &str, text: &str) -> Job {
             title: None,
         },
         reply: ReplyTarget::Robot(RobotTarget::default()),
+        trace_id: None,
     }
 }
 

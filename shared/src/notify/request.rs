@@ -107,6 +107,7 @@ pub fn to_job(
             at_user_ids: at.at_user_ids,
             at_all: at.at_all,
         }),
+        trace_id: None,
     })
 }
 

@@ -115,6 +115,7 @@ pub fn parse(bot_id: &str, body: &[u8], now_ms: i64) -> Result<Job, CallbackErro
             sender_staff_id: staff,
             robot_code: b.robot_code.filter(|s| !s.is_empty()),
         }),
+        trace_id: None,
     })
 }
 

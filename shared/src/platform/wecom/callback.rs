@@ -68,6 +68,7 @@ pub fn to_job(bot: &WecomBot, msg: &WecomMessage, now_ms: i64) -> Option<Job> {
             user_id: msg.from_user_name.clone(),
             agent_id: bot.agent_id,
         }),
+        trace_id: None,
     })
 }
 

@@ -1,12 +1,15 @@
-//! Faithful fakes of the platforms and the model, plus a load generator; used by tests,
-//! `parley demo` and `parley sim`.
-//!
-//! [`FakeDingTalk`] plays DingTalk's side (access tokens, robot sends, sessionWebhooks, signed
-//! callbacks), [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint, [`FakeRobots`]
-//! the group-robot webhooks notifications go to, [`run_load`] an open-loop callback
-//! generator for benchmarks and [`run_notify_load`] a notification burst against fake robots. The fakes speak the wire formats of
-//! PROTOCOLS.md, record what they receive, accept scripted faults, bind port 0 in tests and
-//! start in milliseconds.
+//! Parley's simulation kit: faithful fakes of the platforms and the model, and the load
+//! generators, kept out of the production crates. [`FakeDingTalk`] plays DingTalk's side
+//! (access tokens, robot sends, sessionWebhooks, signed callbacks), [`FakeWecom`] WeCom's
+//! (access tokens, message/send, encrypted callbacks), [`FakeLlm`] an OpenAI-compatible
+//! Chat Completions endpoint, [`FakeRobots`] the group-robot webhooks notifications go to;
+//! [`FakeStack`] starts the ones asked for together with a configuration pointing at them
+//! (used by `parley demo`, the end-to-end tests and `parley sim serve`). [`run_load`] is an
+//! open-loop callback generator for benchmarks and [`run_notify_load`] a notification burst
+//! against fake robots. The fakes speak the wire formats of PROTOCOLS.md, record what they
+//! receive, accept scripted faults, bind port 0 in tests and start in milliseconds. This
+//! crate depends on `parley-shared` for wire types, signing and crypto, never on the binary:
+//! whoever needs a running Parley starts it and points it at these fakes.
 
 pub mod dingtalk;
 pub mod load;
@@ -14,6 +17,7 @@ pub mod notify_load;
 pub mod openai;
 pub mod record;
 pub mod robots;
+pub mod stack;
 pub mod wecom;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -28,6 +32,7 @@ pub use load::{LoadArgs, LoadReport, Percentiles, ReplyReport, run_load};
 pub use notify_load::{NotifyLoadArgs, NotifyLoadReport, RobotReport, run_notify_load};
 pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
 pub use robots::{FakeRobots, Refused, RobotKind, RobotMessage, max_in_any_window};
+pub use stack::{FakeStack, FakeStackBuilder};
 pub use wecom::{FakeWecom, FakeWecomApp, WecomSent};
 
 /// `parley sim …` subcommands.
@@ -89,28 +94,32 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
             wecom_robots,
         } => {
             let app_keys: Vec<String> = apps.iter().map(|a| a.app_key.clone()).collect();
-            let dingtalk = FakeDingTalk::start(dingtalk_listen, apps)
-                .await
-                .with_context(|| format!("starting the fake DingTalk on {dingtalk_listen}"))?;
-            let llm = FakeLlm::start(
-                openai_listen,
-                FakeLlmOptions {
+            let stack = apps
+                .into_iter()
+                .fold(FakeStack::builder(), |b, app| {
+                    b.dingtalk_bot(app.app_key.clone(), app)
+                })
+                .dingtalk_listen(dingtalk_listen)
+                .llm_listen(openai_listen)
+                .robots_listen(robots_listen)
+                .llm(FakeLlmOptions {
                     api_key,
                     latency: Duration::from_millis(llm_latency_ms),
                     fail_every: llm_fail_every,
-                },
-            )
-            .await
-            .with_context(|| format!("starting the fake model on {openai_listen}"))?;
+                })
+                .start()
+                .await?;
+            let dingtalk = stack.dingtalk.clone().context("no --app given")?;
+            let (llm, robots) = (
+                &stack.llm,
+                stack.robots.clone().context("robots not started")?,
+            );
             println!(
                 "fake DingTalk  {}  (apps: {})",
                 dingtalk.base_url(),
                 app_keys.join(", ")
             );
             println!("fake OpenAI    {}", llm.base_url());
-            let robots = FakeRobots::start(robots_listen)
-                .await
-                .with_context(|| format!("starting the fake robots on {robots_listen}"))?;
             for spec in &dingtalk_robots {
                 let (token, secret) = match spec.split_once(':') {
                     Some((token, secret)) => (token, Some(secret)),
@@ -132,9 +141,7 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
                 .context("waiting for Ctrl-C")?;
             echo.abort();
             pushed.abort();
-            dingtalk.shutdown();
-            llm.shutdown();
-            robots.shutdown();
+            stack.shutdown();
             Ok(())
         }
         SimCommand::Load(args) => run_load(args).await.map(|_| ()),

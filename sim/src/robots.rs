@@ -6,8 +6,7 @@
 //! enforces what they enforce: DingTalk's `SEC…` signature (timestamp within one hour, the
 //! URL-encoded Base64 HMAC-SHA256 decoded from the query as DingTalk decodes it), keyword
 //! security, the 20,000-byte body limit, and the rate limit of 20 messages in any 60-second
-//! window, after which a DingTalk robot stays throttled for ten minutes (configurable with
-//! [`FakeRobots::set_throttle`], so tests need not wait) while a WeCom robot only refuses
+//! window, after which a DingTalk robot stays throttled for ten minutes while a WeCom robot only refuses
 //! until the window has room again; WeCom's byte limits (text 2048, markdown 4096). Accepted
 //! messages and refusals are recorded separately, so a test can check both what reached
 //! the group and what a sender would have been told. The rate window uses the same
@@ -138,7 +137,6 @@ impl Clock {
 struct RobotsState {
     dingtalk: HashMap<String, DingTalkRobot>,
     wecom: HashMap<String, Window>,
-    throttle: Duration,
     /// The rate limit's sliding window, [`RATE_WINDOW`] unless a test shortens it.
     window: Duration,
 }
@@ -242,7 +240,6 @@ impl FakeRobots {
             state: Mutex::new(RobotsState {
                 dingtalk: HashMap::new(),
                 wecom: HashMap::new(),
-                throttle: DEFAULT_THROTTLE,
                 window: RATE_WINDOW,
             }),
             received: Recorder::default(),
@@ -310,12 +307,6 @@ impl FakeRobots {
             self.inner.base_url,
             encode(key)
         )
-    }
-
-    /// How long a DingTalk robot stays blocked after exceeding the rate limit (default
-    /// [`DEFAULT_THROTTLE`], ten minutes). The window itself does not change.
-    pub fn set_throttle(&self, throttle: Duration) {
-        self.state().throttle = throttle;
     }
 
     /// The sliding window of the rate limit (default [`RATE_WINDOW`], 60 s): a test that
@@ -489,7 +480,7 @@ async fn dingtalk_send(
 /// keywords, rate window. Records an accepted message before answering.
 fn dingtalk_accept(inner: &Inner, token: &str, query: Option<&str>, body: &[u8]) -> Answer {
     let mut state = inner.state();
-    let throttle_ms = duration_ms(state.throttle);
+    let throttle_ms = duration_ms(DEFAULT_THROTTLE);
     let window_ms = duration_ms(state.window);
     let Some(robot) = state.dingtalk.get_mut(token) else {
         return refuse(300001, "token is not exist");

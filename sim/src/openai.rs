@@ -148,11 +148,6 @@ impl FakeLlm {
         self.inner.lock().latency = latency;
     }
 
-    /// Changes `fail_every` (0 = never) for later requests.
-    pub fn set_fail_every(&self, n: usize) {
-        self.inner.lock().fail_every = n;
-    }
-
     /// Queues a failure: the next request gets `status` with OpenAI's error JSON
     /// (429 → `rate_limit_exceeded`, 5xx → `server_error`) and `Retry-After` if given.
     pub fn push_failure(&self, status: u16, retry_after_secs: Option<u64>) {

@@ -88,7 +88,6 @@ struct WecomState {
     /// corp secret → current token.
     current: HashMap<String, String>,
     fetches: usize,
-    fail_next: usize,
     /// (agent, user) → send times of the last minute.
     per_member: HashMap<(i64, String), Vec<Instant>>,
     dropped: usize,
@@ -144,11 +143,6 @@ impl FakeWecom {
         let mut s = self.state();
         s.tokens.clear();
         s.current.clear();
-    }
-
-    /// The next `n` sends answer errcode 45009 (API frequency exceeded).
-    pub fn fail_next_sends(&self, n: usize) {
-        self.state().fail_next = n;
     }
 
     /// Messages dropped by the per-member limit.
@@ -306,10 +300,6 @@ async fn message_send(
     };
     if expiry <= Instant::now() {
         return errcode(42001, "access_token expired");
-    }
-    if s.fail_next > 0 {
-        s.fail_next -= 1;
-        return errcode(45009, "api freq out of limit");
     }
     let Some(agent_id) = v["agentid"].as_i64() else {
         return errcode(40056, "invalid agentid");
