@@ -4,14 +4,14 @@
 //! notification lane and answered `202 {"id": …}` at once. An `Idempotency-Key` header
 //! makes retries of one request deliver once.
 
-use super::{Accepted, IngressState, Rejection, enqueue_once, read_body, record, refusal};
+use super::{Accepted, Call, IngressState, Rejection, enqueue_once, read_body};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use shared::notify::request;
-use std::time::Instant;
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 const ROUTE: &str = "notify";
 
@@ -21,30 +21,35 @@ pub(crate) async fn notify(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
-    let result = handle(&state, &channel_id, &headers, body).await;
-    let (accepted, id) = match result {
-        Ok((a, id)) => (Ok(a), Some(id)),
-        Err(r) => (Err(r), None),
-    };
-    record(ROUTE, &channel_id, started, &accepted);
-    match (accepted, id) {
-        (Ok(a), Some(id)) => {
-            let body = serde_json::json!({"id": id, "duplicate": a == Accepted::Duplicate});
-            (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+    let call = Call::new(ROUTE, channel_id);
+    async {
+        let result = handle(&state, &call, &headers, body).await;
+        let (accepted, id) = match result {
+            Ok((a, id)) => (Ok(a), Some(id)),
+            Err(r) => (Err(r), None),
+        };
+        call.record(&accepted);
+        match (accepted, id) {
+            (Ok(a), Some(id)) => {
+                let body = serde_json::json!({"id": id, "duplicate": a == Accepted::Duplicate});
+                (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+            }
+            (Err(r), _) => r.into_response(),
+            (Ok(_), None) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         }
-        (Err(r), _) => refusal(&r),
-        (Ok(_), None) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+    .instrument(call.span())
+    .await
 }
 
 async fn handle(
     state: &IngressState,
-    channel_id: &str,
+    call: &Call,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Accepted, String), Rejection> {
     let inner = &state.inner;
+    let channel_id = call.target.as_str();
     let (Some(channel), Some(queue)) = (inner.channels.get(channel_id), &inner.notify_queue) else {
         return Err(Rejection::UnknownBot);
     };
@@ -66,13 +71,13 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic()));
     let id = request::job_id(channel_id, key);
-    let job = request::to_job(
+    let job = call.traced(request::to_job(
         channel,
         &body,
         inner.alert_template.as_deref(),
         id.clone(),
         shared::now_ms(),
-    )?;
+    )?);
     let accepted = enqueue_once(state, queue.as_ref(), &job).await?;
     Ok((accepted, id))
 }

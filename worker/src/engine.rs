@@ -112,10 +112,11 @@ impl Drop for TakenGuard {
     }
 }
 
-/// The span every line logged for a job carries, the messengers' included.
-/// `trace` is left for the ingress's span id once jobs carry it.
+/// The span every line logged for a job carries, the messengers' included. `trace` is
+/// the trace id of the ingress request that queued the job, so its ingress and worker
+/// lines can be joined; jobs queued by older versions have none.
 pub fn job_span(job: &Job, lane: &str, attempt: u32) -> tracing::Span {
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "job",
         job = %job.id,
         bot = %job.bot_id,
@@ -123,7 +124,11 @@ pub fn job_span(job: &Job, lane: &str, attempt: u32) -> tracing::Span {
         lane,
         attempt,
         trace = tracing::field::Empty,
-    )
+    );
+    if let Some(trace) = &job.trace_id {
+        span.record("trace", trace.as_str());
+    }
+    span
 }
 
 impl Engine {

@@ -2,11 +2,39 @@
 //! WeCom's recognition is text; `enter_agent`/`subscribe` get the bot's welcome text if it
 //! has one; other events are acknowledged and dropped; other message types get the polite
 //! "what is supported" reply. Messages dedupe on `MsgId`, events on sender + time + event.
+//! The query's `timestamp` window is checked here too, before anything is decrypted.
 
 use super::xml::WecomMessage;
 use crate::config::WecomBot;
 use crate::job::Platform;
 use crate::job::{Content, JOB_VERSION, Job, ReplyTarget, Sender, WecomTarget};
+
+/// How far a callback's `timestamp` (seconds) may be from our clock: one hour, as DingTalk's.
+pub const MAX_SKEW_SECS: i64 = 3_600;
+
+/// Why a WeCom callback's `timestamp` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TimestampError {
+    /// Not a decimal number of seconds.
+    #[error("timestamp is not a number")]
+    Malformed,
+    /// More than an hour away from now.
+    #[error("timestamp outside the one-hour window")]
+    Stale,
+}
+
+/// Checks the signed query's `timestamp` (seconds) against `now_ms`. A captured callback
+/// replayed later than the window is refused before its ciphertext is touched.
+pub fn check_timestamp(timestamp: &str, now_ms: i64) -> Result<(), TimestampError> {
+    let ts: i64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| TimestampError::Malformed)?;
+    if (now_ms / 1000 - ts).abs() > MAX_SKEW_SECS {
+        return Err(TimestampError::Stale);
+    }
+    Ok(())
+}
 
 /// The job for `msg`, or None when it needs no answer.
 pub fn to_job(bot: &WecomBot, msg: &WecomMessage, now_ms: i64) -> Option<Job> {
@@ -98,6 +126,27 @@ mod tests {
              <CreateTime>1700000000</CreateTime><AgentID>1000002</AgentID>{inner}</xml>"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn the_timestamp_window_is_one_hour_either_way() {
+        let now_ms = 1_700_000_000_000;
+        assert_eq!(check_timestamp("1700000000", now_ms), Ok(()));
+        assert_eq!(check_timestamp(" 1700003600 ", now_ms), Ok(()));
+        assert_eq!(check_timestamp("1699996400", now_ms), Ok(()));
+        assert_eq!(
+            check_timestamp("1700003601", now_ms),
+            Err(TimestampError::Stale)
+        );
+        assert_eq!(
+            check_timestamp("1699996399", now_ms),
+            Err(TimestampError::Stale)
+        );
+        assert_eq!(check_timestamp("", now_ms), Err(TimestampError::Malformed));
+        assert_eq!(
+            check_timestamp("17e8", now_ms),
+            Err(TimestampError::Malformed)
+        );
     }
 
     #[test]

@@ -1,0 +1,70 @@
+//! `POST /dingtalk/{bot}`: DingTalk robot callbacks. The `timestamp`/`sign` headers are
+//! checked (window, then HMAC in constant time) before the body is read; the body becomes
+//! a job keyed by DingTalk's `msgId`.
+
+use super::{Accepted, Call, IngressState, Rejection, enqueue, read_body};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use shared::config::{BotSettings, DingTalkBot};
+use shared::platform::dingtalk::{callback, sign};
+use std::collections::HashMap;
+
+const ROUTE: &str = "dingtalk_callback";
+
+/// The DingTalk bots, by id.
+pub(crate) struct Bots(HashMap<String, DingTalkBot>);
+
+impl Bots {
+    pub(crate) fn new(bots: &[BotSettings]) -> Self {
+        Self(
+            bots.iter()
+                .filter_map(|b| match b {
+                    BotSettings::DingTalk(d) => Some((d.id.clone(), d.clone())),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+pub(crate) async fn callback(
+    State(state): State<IngressState>,
+    Path(bot_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    Call::new(ROUTE, bot_id)
+        .respond(async |call| handle(&state, call, &headers, body).await)
+        .await
+}
+
+async fn handle(
+    state: &IngressState,
+    call: &Call,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, Rejection> {
+    let bot = state
+        .inner
+        .dingtalk
+        .0
+        .get(&call.target)
+        .ok_or(Rejection::UnknownBot)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = shared::now_ms();
+    sign::verify_callback(
+        bot.app_secret.expose(),
+        header("timestamp"),
+        header("sign"),
+        now,
+    )?;
+    let body = read_body(body, state.inner.body_limit).await?;
+    let job = call.traced(callback::parse(&bot.id, &body, now)?);
+    enqueue(state, &job).await
+}
