@@ -43,6 +43,77 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// Removes a connection URL and its password from text bound for a log line or an error,
+/// since client libraries quote the URL in some errors.
+#[derive(Clone, Default)]
+pub struct Scrubber {
+    secrets: Vec<String>,
+}
+
+impl fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Scrubber(***)")
+    }
+}
+
+impl Scrubber {
+    /// Scrubs `url`, and its password both as written and percent-decoded.
+    pub fn for_url(url: &Secret) -> Self {
+        let mut scrub = Self::default();
+        scrub.add(url.expose());
+        if let Ok(parsed) = url::Url::parse(url.expose())
+            && let Some(password) = parsed.password()
+        {
+            scrub.add(password);
+            scrub.add(&percent_decode(password));
+        }
+        scrub
+    }
+
+    /// Adds one more string to remove.
+    pub fn add(&mut self, secret: &str) {
+        if !secret.is_empty() && !self.secrets.iter().any(|s| s == secret) {
+            self.secrets.push(secret.to_string());
+            // Longest first, so the URL goes before the password inside it.
+            self.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        }
+    }
+
+    /// `text` with every secret replaced by `***`.
+    pub fn clean(&self, text: impl fmt::Display) -> String {
+        let mut text = text.to_string();
+        for secret in &self.secrets {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "***");
+            }
+        }
+        text
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +123,17 @@ mod tests {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?} {s}"), "*** ***");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn scrubber_removes_url_and_password_in_both_spellings() {
+        let url = Secret::new("amqp://user:p%40ss%2Fw0rd@broker:5672/%2f");
+        let s = Scrubber::for_url(&url);
+        let cleaned = s.clean(format!(
+            "Invalid URL: '{}' (p@ss/w0rd, p%40ss%2Fw0rd)",
+            url.expose()
+        ));
+        assert_eq!(cleaned, "Invalid URL: '***' (***, ***)");
+        assert_eq!(percent_decode("a%2"), "a%2");
     }
 }

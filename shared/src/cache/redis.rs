@@ -17,7 +17,7 @@
 
 use super::{Cache, CacheError};
 use crate::config::{CacheSettings, ConfigError};
-use crate::queue::amqp::Scrubber;
+use crate::secret::Scrubber;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ExistenceCheck, RedisError, Script, SetExpiry, SetOptions, Value};
