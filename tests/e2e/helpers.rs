@@ -166,6 +166,75 @@ pub(crate) struct TestApp {
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     toml: String,
+    /// Last field: dropped after the app has been told to stop.
+    _topology: Option<BrokerTopology>,
+}
+
+/// What a test deployment declared in RabbitMQ (both lanes); deleted when dropped, so the
+/// suite run again and again leaves the broker as it found it (a broker collecting quorum
+/// queues runs out of file handles).
+struct BrokerTopology {
+    url: String,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+}
+
+impl BrokerTopology {
+    fn of(settings: &Settings, url: &str) -> Self {
+        let q = &settings.queue;
+        let (mut queues, mut exchanges) = (Vec::new(), Vec::new());
+        for prefix in [q.prefix.clone(), format!("{}.notify", q.prefix)] {
+            let names =
+                shared::queue::amqp::declared_names(&prefix, q.shards, &q.retry_delays_secs);
+            queues.extend(names.queues);
+            exchanges.extend(names.exchanges);
+        }
+        Self {
+            url: url.to_string(),
+            queues,
+            exchanges,
+        }
+    }
+}
+
+impl Drop for BrokerTopology {
+    fn drop(&mut self) {
+        let url = std::mem::take(&mut self.url);
+        let queues = std::mem::take(&mut self.queues);
+        let exchanges = std::mem::take(&mut self.exchanges);
+        // Drop runs inside the test's runtime, which must not be blocked on: a thread of
+        // its own with a runtime of its own does the deleting.
+        let deleting = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let props = lapin::ConnectionProperties::default();
+                let Ok(Ok(conn)) =
+                    tokio::time::timeout(WAIT, lapin::Connection::connect(&url, props)).await
+                else {
+                    eprintln!("could not reach RabbitMQ to delete this test's queues");
+                    return;
+                };
+                for q in &queues {
+                    // A failed delete closes the channel: one channel per delete.
+                    if let Ok(ch) = conn.create_channel().await {
+                        let opts = lapin::options::QueueDeleteOptions::default();
+                        let _ = ch.queue_delete(q.as_str().into(), opts).await;
+                    }
+                }
+                for e in &exchanges {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let opts = lapin::options::ExchangeDeleteOptions::default();
+                        let _ = ch.exchange_delete(e.as_str().into(), opts).await;
+                    }
+                }
+                let _ = conn.close(200, "done".into()).await;
+            });
+        });
+        let _ = deleting.join();
+    }
 }
 
 /// Another in-process role of the deployment; stopped on drop.
@@ -258,6 +327,8 @@ admin_listen = "127.0.0.1:0"
             fakes = stack.config_toml(),
         );
         let settings = Settings::from_toml(&toml, |_| None).unwrap();
+        let topology = (backend == Backend::Brokers)
+            .then(|| BrokerTopology::of(&settings, opts.amqp_url.as_deref().unwrap_or(AMQP_URL)));
         let app = Application::build_roles(settings, opts.roles)
             .await
             .unwrap();
@@ -293,6 +364,7 @@ admin_listen = "127.0.0.1:0"
             shutdown,
             handle: Some(handle),
             toml,
+            _topology: topology,
         }
     }
 
