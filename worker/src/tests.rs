@@ -100,10 +100,9 @@ async fn a_messengers_log_line_carries_the_job() {
     let queue = MemoryQueue::new(4, "notify");
     let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
     let (engine, robot) = notify_engine(Arc::new(queue.clone()), cache);
-    queue
-        .publish(&notice("n-42", "disk almost full"))
-        .await
-        .unwrap();
+    let mut job = notice("n-42", "disk almost full");
+    job.trace_id = Some("5eed5eed5eed5eed".into());
+    queue.publish(&job).await.unwrap();
     let stop = CancellationToken::new();
     let running = tokio::spawn(engine.run_until_stopped(stop.clone(), Duration::from_secs(5)));
     for _ in 0..200 {
@@ -127,6 +126,8 @@ async fn a_messengers_log_line_carries_the_job() {
     assert_eq!(span["platform"], "dingtalk_robot", "{line}");
     assert_eq!(span["lane"], "notify", "{line}");
     assert_eq!(span["attempt"], 1, "{line}");
+    // The ingress's trace id, so this line joins the ingress's lines of the same request.
+    assert_eq!(span["trace"], "5eed5eed5eed5eed", "{line}");
 }
 
 #[tokio::test]

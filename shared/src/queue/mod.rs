@@ -13,8 +13,10 @@ use async_trait::async_trait;
 use std::fmt;
 use std::time::Duration;
 
-/// Delays of the retry tiers, in seconds: the n-th retry waits the n-th tier (the last
-/// one repeats). Fixed, because a broker backend declares one delay queue per tier.
+/// The default delays of the retry tiers, in seconds (`[queue] retry_delays_secs` sets
+/// others): the n-th retry waits the n-th tier (the last one repeats). Every process of a
+/// deployment must use the same list, because the broker backend declares one delay queue
+/// per tier.
 pub const RETRY_TIERS_SECS: [u64; 4] = [5, 30, 120, 600];
 
 /// Why the queue could not do what was asked.
