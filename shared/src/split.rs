@@ -47,6 +47,15 @@ impl Limit {
 
 const FENCE: &str = "```";
 
+/// The longest prefix of `s` of at most `max` UTF-8 bytes that ends on a character boundary.
+pub fn truncate_bytes(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Splits `text` into parts that each fit `limit`. Joining the parts (minus the fence
 /// markers added to keep code blocks balanced) gives back the text.
 pub fn split(text: &str, limit: Limit) -> Vec<String> {

@@ -70,14 +70,7 @@ pub(super) fn dead_headers(attempt: u32, reason: &str, at_ms: i64) -> FieldTable
 }
 
 pub(super) fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    crate::split::truncate_bytes(s, max)
 }
 
 pub(super) fn header<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {

@@ -3,6 +3,13 @@
 //! delay the server asks for (`retry-after-ms`, `Retry-After`) or capped exponential backoff
 //! with jitter — the policy of the official SDK. Reasoning output (`<think>` blocks,
 //! `reasoning_content`) is dropped here so it can never reach a chat.
+//!
+//! A call may also stream (`stream: true`, read by [`sse`] and [`stream`]): the visible text
+//! so far is published as it grows, so a reply can show the answer while it is written. A
+//! streamed call is retried only while nothing of it has been shown.
+
+pub mod sse;
+pub mod stream;
 
 use crate::config::LlmSettings;
 use crate::secret::Secret;
@@ -11,6 +18,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +91,9 @@ pub enum LlmError {
     /// A 2xx whose body is not a chat completion, or has no text.
     #[error("model answer malformed: {0}")]
     Malformed(String),
+    /// A stream that broke off: an error object mid-stream, or an end before it finished.
+    #[error("model stream interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl LlmError {
@@ -96,6 +107,7 @@ impl LlmError {
             LlmError::Server(_) => "server_error",
             LlmError::Refused { .. } => "refused",
             LlmError::Malformed(_) => "malformed",
+            LlmError::Interrupted(_) => "interrupted",
         }
     }
 }
@@ -105,6 +117,18 @@ impl LlmError {
 pub trait LlmClient: Send + Sync + fmt::Debug {
     /// One chat completion for `messages`.
     async fn chat(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError>;
+
+    /// One chat completion, streamed: `shown` holds the visible text so far (reasoning
+    /// removed) and is updated as it grows. The default shows the whole answer at once.
+    async fn chat_streaming(
+        &self,
+        messages: &[ChatMessage],
+        shown: &watch::Sender<String>,
+    ) -> Result<Completion, LlmError> {
+        let c = self.chat(messages).await?;
+        shown.send_replace(c.text.clone());
+        Ok(c)
+    }
 }
 
 /// Client for any OpenAI-compatible `/chat/completions` endpoint.
@@ -135,6 +159,15 @@ struct Request<'a> {
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -156,11 +189,11 @@ struct ResponseMessage {
 }
 
 #[derive(Deserialize)]
-struct Usage {
+pub(crate) struct Usage {
     #[serde(default)]
-    prompt_tokens: u64,
+    pub(crate) prompt_tokens: u64,
     #[serde(default)]
-    completion_tokens: u64,
+    pub(crate) completion_tokens: u64,
 }
 
 /// One failed attempt: the error, and whether and when to try again.
@@ -192,78 +225,105 @@ impl OpenAiClient {
         })
     }
 
-    async fn attempt(&self, messages: &[ChatMessage]) -> Result<Completion, Attempt> {
+    /// Sends one request; a transport failure is a retryable attempt.
+    async fn send(
+        &self,
+        messages: &[ChatMessage],
+        stream: bool,
+    ) -> Result<reqwest::Response, Attempt> {
         let body = Request {
             model: &self.model,
             messages,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
+            stream,
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
         };
         let mut req = self.http.post(&self.url).json(&body);
         if !self.api_key.is_empty() {
             req = req.bearer_auth(self.api_key.expose());
         }
-        let resp = req.send().await.map_err(|e| Attempt {
-            error: if e.is_timeout() {
-                LlmError::Timeout
-            } else {
-                LlmError::Network(without_url(&e))
-            },
-            retry: true,
-            after: None,
-        })?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let should_retry = resp
-            .headers()
-            .get("x-should-retry")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v == "true");
-        if (200..300).contains(&status) {
-            let bytes = resp.bytes().await.map_err(|e| Attempt {
-                error: if e.is_timeout() {
-                    LlmError::Timeout
-                } else {
-                    LlmError::Network(without_url(&e))
-                },
-                retry: true,
-                after: None,
-            })?;
-            return parse_completion(&bytes).map_err(|error| Attempt {
-                error,
-                retry: false,
-                after: None,
-            });
+        let resp = req.send().await.map_err(Attempt::transport)?;
+        if resp.status().is_success() {
+            return Ok(resp);
         }
-        let text = resp.text().await.unwrap_or_default();
-        let (code, message) = error_fields(&text);
-        let error = match status {
-            429 if code == "insufficient_quota" => LlmError::QuotaExhausted,
-            429 => LlmError::RateLimited,
-            500..=599 => LlmError::Server(status),
-            _ => LlmError::Refused { status, message },
-        };
-        let retry = should_retry.unwrap_or(match error {
-            LlmError::QuotaExhausted => false,
-            LlmError::Refused { status, .. } => matches!(status, 408 | 409),
-            _ => true,
-        });
-        Err(Attempt {
-            error,
-            retry,
-            after,
-        })
+        Err(refusal(resp).await)
     }
-}
 
-#[async_trait]
-impl LlmClient for OpenAiClient {
-    async fn chat(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
+    async fn attempt(&self, messages: &[ChatMessage]) -> Result<Completion, Attempt> {
+        let resp = self.send(messages, false).await?;
+        let bytes = resp.bytes().await.map_err(Attempt::transport)?;
+        parse_completion(&bytes).map_err(Attempt::final_error)
+    }
+
+    /// One streamed attempt. Once something was shown, a failure is final: a retry would
+    /// show the chatter the answer starting over.
+    async fn attempt_streaming(
+        &self,
+        messages: &[ChatMessage],
+        shown: &watch::Sender<String>,
+    ) -> Result<Completion, Attempt> {
+        let mut resp = self.send(messages, true).await?;
+        let mut decoder = sse::SseDecoder::default();
+        let mut state = stream::StreamState::default();
+        let mut visible = String::new();
+        let fail = |error: LlmError, visible: &str| Attempt {
+            error,
+            retry: visible.is_empty(),
+            after: None,
+        };
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    let mut a = Attempt::transport(e);
+                    a.retry = visible.is_empty();
+                    return Err(a);
+                }
+            };
+            let events = decoder
+                .feed(&chunk)
+                .map_err(|e| fail(LlmError::Malformed(e.to_string()), &visible))?;
+            for data in events {
+                if state.on_data(&data).map_err(|e| fail(e, &visible))? == stream::Step::Done {
+                    return state.into_completion().map_err(Attempt::final_error);
+                }
+            }
+            let now = state.visible();
+            if now != visible {
+                visible = now;
+                shown.send_replace(visible.clone());
+            }
+        }
+        if let Some(data) = decoder.finish() {
+            state.on_data(&data).map_err(|e| fail(e, &visible))?;
+        }
+        // Some servers close without `[DONE]` after the last chunk; a finish_reason says
+        // the answer is whole. Without one the answer was cut off.
+        if state.finished() {
+            return state.into_completion().map_err(Attempt::final_error);
+        }
+        Err(fail(
+            LlmError::Interrupted("stream ended before the answer finished".into()),
+            &visible,
+        ))
+    }
+
+    /// Makes attempts until one succeeds, one fails for good, or retries run out; counts
+    /// each in the metrics.
+    async fn with_retries<F, Fut>(&self, attempt: F) -> Result<Completion, LlmError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Completion, Attempt>>,
+    {
         let m = crate::metrics::get();
         let mut n = 0;
         loop {
             let started = Instant::now();
-            match self.attempt(messages).await {
+            match attempt().await {
                 Ok(c) => {
                     m.llm_requests.with_label_values(&["ok"]).inc();
                     m.llm_duration
@@ -289,6 +349,76 @@ impl LlmClient for OpenAiClient {
                 }
             }
         }
+    }
+}
+
+impl Attempt {
+    /// A transport failure (connect, timeout, a body cut off): worth another try.
+    fn transport(e: reqwest::Error) -> Self {
+        Self {
+            error: if e.is_timeout() {
+                LlmError::Timeout
+            } else {
+                LlmError::Network(without_url(&e))
+            },
+            retry: true,
+            after: None,
+        }
+    }
+
+    /// An answer that came but is not usable: asking again would get the same.
+    fn final_error(error: LlmError) -> Self {
+        Self {
+            error,
+            retry: false,
+            after: None,
+        }
+    }
+}
+
+/// Reads a non-2xx answer into an attempt: what failed, whether the official SDK's policy
+/// retries it, and the wait the server asked for.
+async fn refusal(resp: reqwest::Response) -> Attempt {
+    let status = resp.status().as_u16();
+    let after = retry_after(resp.headers());
+    let should_retry = resp
+        .headers()
+        .get("x-should-retry")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v == "true");
+    let text = resp.text().await.unwrap_or_default();
+    let (code, message) = error_fields(&text);
+    let error = match status {
+        429 if code == "insufficient_quota" => LlmError::QuotaExhausted,
+        429 => LlmError::RateLimited,
+        500..=599 => LlmError::Server(status),
+        _ => LlmError::Refused { status, message },
+    };
+    let retry = should_retry.unwrap_or(match error {
+        LlmError::QuotaExhausted => false,
+        LlmError::Refused { status, .. } => matches!(status, 408 | 409),
+        _ => true,
+    });
+    Attempt {
+        error,
+        retry,
+        after,
+    }
+}
+
+#[async_trait]
+impl LlmClient for OpenAiClient {
+    async fn chat(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
+        self.with_retries(|| self.attempt(messages)).await
+    }
+
+    async fn chat_streaming(
+        &self,
+        messages: &[ChatMessage],
+        shown: &watch::Sender<String>,
+    ) -> Result<Completion, LlmError> {
+        self.with_retries(|| self.attempt_streaming(messages, shown))
+            .await
     }
 }
 
@@ -329,15 +459,12 @@ fn error_fields(body: &str) -> (String, String) {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     let err = &v["error"];
     let code = err["code"].as_str().unwrap_or_default().to_string();
-    let mut message = err["message"].as_str().unwrap_or(body).to_string();
-    if message.len() > 200 {
-        let mut end = 200;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-    }
-    (code, message)
+    (code, trimmed(err["message"].as_str().unwrap_or(body)))
+}
+
+/// A provider's message, cut to 200 bytes on a character boundary.
+fn trimmed(message: &str) -> String {
+    crate::split::truncate_bytes(message, 200).to_string()
 }
 
 /// The delay the server asked for, if it is sane (0 < d ≤ 120 s).
@@ -415,5 +542,93 @@ mod tests {
         h.insert("retry-after", "600".parse().unwrap());
         assert_eq!(retry_after(&h), None);
         assert!(backoff(10) <= Duration::from_secs(8));
+    }
+
+    /// A one-connection-per-response HTTP server writing each response as the given
+    /// pieces, with pauses, then closing: the body ends where the connection does.
+    async fn serve(responses: Vec<Vec<&'static str>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for pieces in responses {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 65536];
+                let _ = sock.read(&mut buf).await;
+                for p in pieces {
+                    sock.write_all(p.as_bytes()).await.unwrap();
+                    sock.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        url
+    }
+
+    fn client(url: &str) -> OpenAiClient {
+        let settings: LlmSettings = toml::from_str(&format!(
+            "base_url = \"{url}\"\nmodel = \"m\"\nmax_retries = 1\n"
+        ))
+        .unwrap();
+        OpenAiClient::new(&settings).unwrap()
+    }
+
+    const HEAD: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+
+    #[tokio::test]
+    async fn a_stream_is_shown_as_it_grows_and_reasoning_never_is() {
+        let url = serve(vec![vec![
+            HEAD,
+            ": keep-alive\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"hm\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel",
+            "lo\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" there\"},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
+        ]])
+        .await;
+        let (tx, mut rx) = watch::channel(String::new());
+        let seen = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while rx.changed().await.is_ok() {
+                seen.push(rx.borrow_and_update().clone());
+            }
+            seen
+        });
+        let c = client(&url).chat_streaming(&[], &tx).await.unwrap();
+        drop(tx);
+        assert_eq!((c.text.as_str(), c.prompt_tokens), ("Hello there", 4));
+        assert_eq!(seen.await.unwrap(), vec!["Hello", "Hello there"]);
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_after_text_was_shown_is_not_retried() {
+        let url = serve(vec![vec![
+            HEAD,
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Half\"}}]}\n\n",
+        ]])
+        .await;
+        let (tx, _rx) = watch::channel(String::new());
+        let e = client(&url).chat_streaming(&[], &tx).await.unwrap_err();
+        assert!(matches!(e, LlmError::Interrupted(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn an_error_before_anything_was_shown_is_retried() {
+        let url = serve(vec![
+            vec![HEAD, "data: {\"error\":{\"message\":\"overloaded\"}}\n\n"],
+            vec![
+                HEAD,
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"},\"finish_reason\":\"stop\"}]}\n\n",
+            ],
+        ])
+        .await;
+        let (tx, _rx) = watch::channel(String::new());
+        let c = client(&url).chat_streaming(&[], &tx).await.unwrap();
+        assert_eq!(
+            c.text, "ok",
+            "the second answer, ended by its finish_reason alone"
+        );
     }
 }
