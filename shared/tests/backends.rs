@@ -1122,6 +1122,43 @@ async fn redis_lists_keep_the_newest_items_and_their_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_slots_are_shared_by_every_process_and_slide() {
+    let r = redis_cache("slots").await;
+    // A second cache on the same prefix stands for another worker process.
+    let other = RedisCache::start(&CacheSettings {
+        url: Some(Secret::new(REDIS_URL)),
+        key_prefix: r.prefix.clone(),
+    })
+    .unwrap();
+    assert!(other.wait_ready(WAIT).await);
+    let window = Duration::from_millis(500);
+    let takers: Vec<&RedisCache> = vec![&r.cache, &other];
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = takers[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            c.take_slot("api", 5, window).await.unwrap()
+        }));
+    }
+    let mut waits = Vec::new();
+    for t in tasks {
+        waits.push(t.await.unwrap());
+    }
+    assert_eq!(waits.iter().filter(|w| w.is_none()).count(), 5, "{waits:?}");
+    let longest = waits.iter().flatten().max().copied().unwrap();
+    assert!(longest <= window + Duration::from_millis(2), "{longest:?}");
+    tokio::time::sleep(longest).await;
+    assert_eq!(other.take_slot("api", 5, window).await.unwrap(), None);
+    assert!(pttl(&r.cache.full_key("api")).await <= 500);
+
+    assert_eq!(r.cache.add("month", 3, LONG).await.unwrap(), 3);
+    assert_eq!(other.add("month", 2, LONG).await.unwrap(), 5);
+    assert_eq!(r.cache.add("month", 0, LONG).await.unwrap(), 5);
+    let ttl = pttl(&r.cache.full_key("month")).await;
+    assert!((1..=60_000).contains(&ttl), "PTTL {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_wrong_kind_of_value_is_reported_as_such() {
     let r = redis_cache("types").await;
     let c = &r.cache;

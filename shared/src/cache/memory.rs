@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 enum Value {
     Str(String),
     List(VecDeque<String>),
+    /// When each slot of a sliding window was taken, oldest first.
+    Slots(VecDeque<Instant>),
 }
 
 struct Entry {
@@ -68,6 +70,23 @@ fn live<'a>(map: &'a mut HashMap<String, Entry>, key: &str, now: Instant) -> Opt
         map.remove(key);
     }
     map.get_mut(key)
+}
+
+/// The live entry at `key`, or a new one holding `new()` for `ttl`.
+fn live_or_new<'a>(
+    map: &'a mut HashMap<String, Entry>,
+    key: &str,
+    now: Instant,
+    ttl: Duration,
+    new: impl FnOnce() -> Value,
+) -> &'a mut Entry {
+    if map.get(key).is_some_and(|e| e.expires <= now) {
+        map.remove(key);
+    }
+    map.entry(key.to_string()).or_insert_with(|| Entry {
+        value: new(),
+        expires: now + ttl,
+    })
 }
 
 #[async_trait]
@@ -135,13 +154,7 @@ impl Cache for MemoryCache {
         ttl: Duration,
     ) -> Result<(), CacheError> {
         self.with_map(true, |map, now| {
-            let entry = match live(map, key, now) {
-                Some(e) => e,
-                None => map.entry(key.to_string()).or_insert(Entry {
-                    value: Value::List(VecDeque::new()),
-                    expires: now + ttl,
-                }),
-            };
+            let entry = live_or_new(map, key, now, ttl, || Value::List(VecDeque::new()));
             let Value::List(list) = &mut entry.value else {
                 return Err(CacheError::WrongType);
             };
@@ -162,6 +175,45 @@ impl Cache for MemoryCache {
                 ..
             }) => Ok(l.iter().cloned().collect()),
             Some(_) => Err(CacheError::WrongType),
+        })
+    }
+
+    async fn add(&self, key: &str, by: i64, ttl: Duration) -> Result<i64, CacheError> {
+        self.with_map(true, |map, now| {
+            let entry = live_or_new(map, key, now, ttl, || Value::Str("0".into()));
+            let Value::Str(s) = &mut entry.value else {
+                return Err(CacheError::WrongType);
+            };
+            let n = s.parse::<i64>().map_err(|_| CacheError::WrongType)? + by;
+            *s = n.to_string();
+            Ok(n)
+        })
+    }
+
+    async fn take_slot(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<Option<Duration>, CacheError> {
+        self.with_map(true, |map, now| {
+            let entry = live_or_new(map, key, now, window, || Value::Slots(VecDeque::new()));
+            let Value::Slots(taken) = &mut entry.value else {
+                return Err(CacheError::WrongType);
+            };
+            while taken
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= window)
+            {
+                taken.pop_front();
+            }
+            if taken.len() < limit as usize {
+                taken.push_back(now);
+                entry.expires = now + window;
+                return Ok(None);
+            }
+            let oldest = taken.front().copied().unwrap_or(now);
+            Ok(Some((oldest + window).saturating_duration_since(now)))
         })
     }
 
@@ -193,6 +245,20 @@ mod tests {
         assert!(!c.delete_if_eq("k", "b").await.unwrap());
         assert!(c.delete_if_eq("k", "a").await.unwrap());
         assert!(c.set_nx("k", "c", LONG).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn counters_add_and_slots_slide() {
+        let c = MemoryCache::new();
+        assert_eq!(c.add("n", 2, LONG).await.unwrap(), 2);
+        assert_eq!(c.add("n", 0, LONG).await.unwrap(), 2);
+        let window = Duration::from_millis(200);
+        assert_eq!(c.take_slot("w", 2, window).await.unwrap(), None);
+        assert_eq!(c.take_slot("w", 2, window).await.unwrap(), None);
+        let wait = c.take_slot("w", 2, window).await.unwrap().unwrap();
+        assert!(wait > Duration::ZERO && wait <= window);
+        tokio::time::sleep(wait).await;
+        assert_eq!(c.take_slot("w", 2, window).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! The cache seam: strings and bounded lists with a time-to-live, set-if-absent (dedupe
-//! keys, answered markers, short locks) and compare-and-delete. Keys are given without the
+//! keys, answered markers, short locks), compare-and-delete, counters, and sliding-window
+//! slots (cluster-wide rate limits: each is one atomic step, no read-then-write race). Keys are given without the
 //! deployment prefix; each backend adds `[cache].key_prefix`. The backends are
 //! `memory` (embedded) and `redis`.
 
@@ -46,6 +47,18 @@ pub trait Cache: Send + Sync + fmt::Debug {
     ) -> Result<(), CacheError>;
     /// The whole list at `key`, oldest first (empty if absent).
     async fn list_range(&self, key: &str) -> Result<Vec<String>, CacheError>;
+    /// Adds `by` to the counter at `key` (absent = 0), setting its TTL when it is created;
+    /// returns the new value.
+    async fn add(&self, key: &str, by: i64, ttl: Duration) -> Result<i64, CacheError>;
+    /// Takes one of `limit` slots of the sliding window `window` at `key`: succeeds (None)
+    /// when fewer than `limit` slots were taken in the last `window`, else says how long
+    /// until the oldest frees. With Redis the clock is the server's, one for the cluster.
+    async fn take_slot(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<Option<Duration>, CacheError>;
     /// Whether the backend answers now (drives `/readyz`).
     fn is_ready(&self) -> bool;
 }

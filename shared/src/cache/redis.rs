@@ -41,6 +41,32 @@ end
 return 0
 ";
 
+/// Sliding-window slot: `KEYS[1]` is a sorted set of slot-taking times (ms, the server's
+/// clock, so every process agrees); `ARGV` = limit, window ms, a unique member. Returns -1
+/// when a slot was taken, else the ms until the oldest slot frees.
+const TAKE_SLOT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return -1
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + window - now + 1)
+";
+
+/// Counter: `INCRBY KEYS[1] ARGV[1]`, with `PEXPIRE ARGV[2]` when this created it.
+const ADD: &str = r"
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return n
+";
+
 /// The Redis cache; cheap to clone.
 #[derive(Clone)]
 pub struct RedisCache {
@@ -55,6 +81,8 @@ struct Inner {
     ready: AtomicBool,
     scrub: Scrubber,
     delete_if_eq: Script,
+    take_slot: Script,
+    add: Script,
 }
 
 impl fmt::Debug for RedisCache {
@@ -100,6 +128,8 @@ impl RedisCache {
             ready: AtomicBool::new(false),
             scrub,
             delete_if_eq: Script::new(DELETE_IF_EQ),
+            take_slot: Script::new(TAKE_SLOT),
+            add: Script::new(ADD),
         });
         tokio::spawn(ping_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -310,6 +340,45 @@ impl Cache for RedisCache {
         let key = self.full_key(key);
         let range = redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone();
         self.inner.run("LRANGE", &range).await
+    }
+
+    async fn add(&self, key: &str, by: i64, ttl: Duration) -> Result<i64, CacheError> {
+        let key = self.full_key(key);
+        let script = &self.inner.add;
+        self.inner
+            .query("add", async |c| {
+                script
+                    .key(&key)
+                    .arg(by)
+                    .arg(millis(ttl))
+                    .invoke_async(c)
+                    .await
+            })
+            .await
+    }
+
+    async fn take_slot(
+        &self,
+        key: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<Option<Duration>, CacheError> {
+        let key = self.full_key(key);
+        let script = &self.inner.take_slot;
+        let member = format!("{:032x}", rand::random::<u128>());
+        let wait_ms: i64 = self
+            .inner
+            .query("take slot", async |c| {
+                script
+                    .key(&key)
+                    .arg(limit)
+                    .arg(millis(window))
+                    .arg(&member)
+                    .invoke_async(c)
+                    .await
+            })
+            .await?;
+        Ok((wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64)))
     }
 
     fn is_ready(&self) -> bool {

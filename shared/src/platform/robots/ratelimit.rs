@@ -1,9 +1,8 @@
 //! A cluster-wide "at most N messages in any 60 seconds" limit per robot, kept in the
-//! shared cache so every worker process honours the same budget. The budget is N slot keys
-//! per robot; a send first claims a free slot (set-if-absent with a TTL of one window),
-//! so a slot taken at t is free again at t + window and no window ever holds more than N
-//! sends. The window is the platforms' 60 s unless tests or benchmarks shorten it. Only set-if-absent is needed, which both cache backends do
-//! atomically; no clock is shared between processes.
+//! shared cache so every worker process honours the same budget: a send first takes one of
+//! the robot's N sliding-window slots ([`Cache::take_slot`], one atomic step in either
+//! backend), so no window ever holds more than N sends. The window is the platforms' 60 s
+//! unless tests or benchmarks shorten it.
 
 use crate::cache::{Cache, CacheError};
 use std::fmt;
@@ -15,8 +14,6 @@ pub const PLATFORM_WINDOW: Duration = Duration::from_secs(60);
 /// A slot is held this much longer than the window so that the time a send takes to reach
 /// the platform can never squeeze N+1 sends into one window.
 const MARGIN: Duration = Duration::from_secs(1);
-/// How often a sender waiting for a free slot looks again.
-const POLL: Duration = Duration::from_millis(250);
 
 /// N sends per window for each robot key.
 pub struct WindowLimiter {
@@ -52,19 +49,23 @@ impl WindowLimiter {
 
     /// Claims a free slot for a send to `robot`, if one is free now.
     pub async fn try_acquire(&self, robot: &str) -> Result<bool, CacheError> {
-        for slot in 0..self.per_window {
-            let key = format!("robot-rate:{robot}:{slot}");
-            if self.cache.set_nx(&key, "1", self.hold).await? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let key = format!("robot-rate:{robot}");
+        let wait = self
+            .cache
+            .take_slot(&key, self.per_window, self.hold)
+            .await?;
+        Ok(wait.is_none())
     }
 
     /// Waits until a slot for `robot` is free and claims it.
     pub async fn acquire(&self, robot: &str) -> Result<(), CacheError> {
-        while !self.try_acquire(robot).await? {
-            tokio::time::sleep(POLL).await;
+        let key = format!("robot-rate:{robot}");
+        while let Some(wait) = self
+            .cache
+            .take_slot(&key, self.per_window, self.hold)
+            .await?
+        {
+            tokio::time::sleep(wait).await;
         }
         Ok(())
     }
