@@ -1,13 +1,21 @@
 //! A faithful fake of DingTalk's server side for one or more enterprise-internal robot apps
-//! (PROTOCOLS.md §a–b): the OpenAPI gateway (`/v1.0/oauth2/accessToken`, group and 1:1 robot
-//! sends), the `sessionWebhook` reply endpoint, and the signed callbacks DingTalk POSTs to a
-//! bot. Error shapes follow the real services: the new gateway answers non-2xx with
-//! `{code, message, requestid}`, the oapi-style sessionWebhook answers HTTP 200 with
-//! `{errcode, errmsg}`. Every accepted message is recorded for assertions; tokens can be
-//! revoked, sessions expired and sends throttled on demand. Bad input never panics: it gets the
+//! (PROTOCOLS.md §a–c): the OpenAPI gateway (`/v1.0/oauth2/accessToken`, group and 1:1
+//! robot sends, the AI card API of `dingtalk/card.rs`), the `sessionWebhook` reply endpoint,
+//! and the signed callbacks DingTalk POSTs to a bot. Error shapes follow the real services:
+//! the new gateway answers non-2xx with `{code, message, requestid}`, the oapi-style
+//! sessionWebhook answers HTTP 200 with `{errcode, errmsg}`. Every accepted message and card
+//! is recorded for assertions; tokens can be revoked, sessions expired and sends throttled
+//! on demand.
+//!
+//! Like the real gateway, every OpenAPI call except the token API is limited per app and API
+//! (default 20 QPS, sliding window) and counted against the org's monthly budget (see
+//! `dingtalk/meter.rs`); the sessionWebhook is neither. Bad input never panics: it gets the
 //! 4xx (or errcode) the real API would give.
 
-use std::collections::HashMap;
+mod card;
+mod meter;
+
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -20,14 +28,24 @@ use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{post, put};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+pub use card::{
+    CARD_CREATE_AND_DELIVER_PATH, CARD_DELIVER_MODEL_INVALID_CODE, CARD_DELIVER_PATH,
+    CARD_DUPLICATE_CODE, CARD_INSTANCES_PATH, CARD_NO_PERMISSION_CODE, CARD_NOT_DELIVERED_CODE,
+    CARD_NOT_FOUND_CODE, CARD_OPEN_SPACE_ID_INVALID_CODE, CARD_PARAM_MAP_INVALID_CODE,
+    CARD_SERVER_ERROR_CODE, CARD_STREAMING_PATH, CARD_TEMPLATE_UNPUBLISHED_CODE, CardFault,
+    CardUpdate, FakeCard,
+};
+pub use meter::{DEFAULT_API_QPS, EndpointStats, ORG_QUOTA_CODE, QPS_LIMIT_CODE};
 
 /// Lifetime of a freshly issued access token (`expireIn`), unless changed by `set_token_ttl`.
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 7200;
@@ -37,6 +55,13 @@ pub const CALLBACK_SESSION_TTL: Duration = Duration::from_secs(90 * 60);
 pub const MAX_WEBHOOK_BODY_BYTES: usize = 20_000;
 /// Most `userIds` one `oToMessages/batchSend` call accepts.
 pub const MAX_OTO_USER_IDS: usize = 20;
+
+/// Route of the token API (neither rate-limited nor metered).
+pub const ACCESS_TOKEN_PATH: &str = "/v1.0/oauth2/accessToken";
+/// Route of the group robot send.
+pub const GROUP_SEND_PATH: &str = "/v1.0/robot/groupMessages/send";
+/// Route of the 1:1 robot batch send.
+pub const OTO_SEND_PATH: &str = "/v1.0/robot/oToMessages/batchSend";
 
 const CORP_ID: &str = "dingsimcorp0000000000000000000000";
 const ACCESS_TOKEN_HEADER: &str = "x-acs-dingtalk-access-token";
@@ -217,6 +242,8 @@ struct Inner {
     apps: HashMap<String, String>,
     state: Mutex<DtState>,
     sent: Recorder<SentMessage>,
+    /// Woken on every card change (for `wait_for_finished_cards`).
+    cards_changed: Notify,
     stop: CancellationToken,
 }
 
@@ -231,6 +258,8 @@ struct DtState {
     /// session token → session.
     sessions: HashMap<String, Session>,
     fail_next: usize,
+    meters: meter::Meters,
+    cards: card::CardStore,
 }
 
 struct IssuedToken {
@@ -264,16 +293,25 @@ impl FakeDingTalk {
                 fetches: HashMap::new(),
                 sessions: HashMap::new(),
                 fail_next: 0,
+                meters: meter::Meters::default(),
+                cards: card::CardStore::default(),
             }),
             sent: Recorder::default(),
+            cards_changed: Notify::new(),
             stop: CancellationToken::new(),
         });
         let router = Router::new()
-            .route("/v1.0/oauth2/accessToken", post(access_token))
-            .route("/v1.0/robot/groupMessages/send", post(group_send))
-            .route("/v1.0/robot/oToMessages/batchSend", post(oto_send))
+            .route(ACCESS_TOKEN_PATH, post(access_token))
+            .route(GROUP_SEND_PATH, post(group_send))
+            .route(OTO_SEND_PATH, post(oto_send))
+            .route(CARD_INSTANCES_PATH, post(card::create).put(card::update))
+            .route(CARD_DELIVER_PATH, post(card::deliver_card))
+            .route(CARD_CREATE_AND_DELIVER_PATH, post(card::create_and_deliver))
+            .route(CARD_STREAMING_PATH, put(card::streaming))
             .route("/robot/sendBySession", post(send_by_session))
             .fallback(not_found)
+            // The gateway answers a wrong method like an unknown API, not with a bare 405.
+            .method_not_allowed_fallback(not_found)
             .with_state(inner.clone());
         super::serve_fake(listener, router, inner.stop.clone(), "dingtalk");
         Ok(FakeDingTalk { inner })
@@ -343,8 +381,48 @@ impl FakeDingTalk {
 
     /// Makes the next `n` sends that would otherwise be accepted (any route) fail with the
     /// throttling error: HTTP 403 `QpsLimitForAppkeyAndApi`, or errcode 130_101 on a webhook.
+    /// Card routes are not affected (see [`Self::refuse_cards`]).
     pub fn fail_next_sends(&self, n: usize) {
         self.inner.lock().fail_next = n;
+    }
+
+    /// Sets how many calls per app may start on one OpenAPI route in any sliding one-second
+    /// window (default [`DEFAULT_API_QPS`]; 0 = unlimited). Calls over it get HTTP 403
+    /// [`QPS_LIMIT_CODE`] and are not executed.
+    pub fn set_api_qps(&self, qps: u32) {
+        self.inner.lock().meters.qps = qps;
+    }
+
+    /// Sets the org's budget of metered calls (`None`, the default, = unlimited). Once
+    /// [`Self::metered_calls`] reaches it, metered calls get HTTP 403 [`ORG_QUOTA_CODE`].
+    pub fn set_monthly_quota(&self, quota: Option<u64>) {
+        self.inner.lock().meters.monthly_quota = quota;
+    }
+
+    /// Metered calls executed so far, over all apps: every authenticated OpenAPI call except
+    /// the token API that passed the QPS limit and the budget, whatever it answered.
+    pub fn metered_calls(&self) -> u64 {
+        self.inner.lock().meters.metered
+    }
+
+    /// Per-(app key, route path) statistics of the metered routes (e.g.
+    /// `("app1", "/v1.0/card/streaming")`); card create and card update share
+    /// [`CARD_INSTANCES_PATH`]. Requests with a bad token are not attributed to any app.
+    pub fn endpoint_stats(&self) -> BTreeMap<(String, String), EndpointStats> {
+        self.inner.lock().meters.stats()
+    }
+
+    /// The statistics of one app on one route (zeros if it never called it).
+    pub fn endpoint_stats_for(&self, app_key: &str, path: &str) -> EndpointStats {
+        self.endpoint_stats()
+            .remove(&(app_key.to_owned(), path.to_owned()))
+            .unwrap_or_default()
+    }
+
+    /// Zeroes the metered-call counter, the QPS windows and the statistics (the limits
+    /// themselves stay).
+    pub fn reset_meters(&self) {
+        self.inner.lock().meters.reset();
     }
 
     /// Every message accepted so far, in arrival order.
@@ -358,9 +436,10 @@ impl FakeDingTalk {
         self.inner.sent.wait_for(n, timeout).await
     }
 
-    /// Forgets the recorded messages (tokens, sessions and counters stay).
+    /// Forgets the recorded messages and cards (tokens, sessions, faults and counters stay).
     pub fn clear(&self) {
         self.inner.sent.clear();
+        self.inner.lock().cards.clear();
     }
 
     /// The full JSON body DingTalk would POST to the bot for `spec` (PROTOCOLS.md §a),
@@ -506,6 +585,14 @@ impl Inner {
         }
     }
 
+    /// Authenticates an OpenAPI call to `path` and meters it (QPS window, monthly budget);
+    /// returns the token's app key.
+    fn open_api(&self, headers: &HeaderMap, path: &'static str) -> Result<String, Refusal> {
+        let app = self.authenticate(headers)?;
+        self.lock().meters.admit(&app, path, Instant::now())?;
+        Ok(app)
+    }
+
     /// Checks that `robot_code` is a configured robot and that the token's app owns it.
     fn check_robot(&self, token_app: &str, robot_code: &str) -> Result<(), Refusal> {
         if !self.apps.contains_key(robot_code) {
@@ -562,7 +649,7 @@ async fn access_token(State(inner): State<Arc<Inner>>, headers: HeaderMap, body:
 }
 
 async fn group_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Reply {
-    let app = inner.authenticate(&headers)?;
+    let app = inner.open_api(&headers, GROUP_SEND_PATH)?;
     let obj = json_object(&headers, &body).ok_or_else(body_is_mandatory)?;
     let robot_code = required_str(&obj, "robotCode")?;
     let conversation_id = required_str(&obj, "openConversationId")?;
@@ -588,7 +675,7 @@ async fn group_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: B
 }
 
 async fn oto_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Reply {
-    let app = inner.authenticate(&headers)?;
+    let app = inner.open_api(&headers, OTO_SEND_PATH)?;
     let obj = json_object(&headers, &body).ok_or_else(body_is_mandatory)?;
     let robot_code = required_str(&obj, "robotCode")?;
     let user_ids = match obj.get("userIds") {
@@ -899,7 +986,7 @@ fn invalid_parameter(name: &str, message: &str) -> Refusal {
 fn throttled() -> Refusal {
     gateway_error(
         StatusCode::FORBIDDEN,
-        "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
+        QPS_LIMIT_CODE,
         "该应用调用接口的QPS超过限制，请降低调用频率",
     )
 }

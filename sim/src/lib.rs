@@ -1,10 +1,12 @@
 //! Parley's simulation kit: faithful fakes of the platforms and the model, and the load
 //! generators, kept out of the production crates. [`FakeDingTalk`] plays DingTalk's side
-//! (access tokens, robot sends, sessionWebhooks, signed callbacks), [`FakeWecom`] WeCom's
-//! (access tokens, message/send, encrypted callbacks), [`FakeLlm`] an OpenAI-compatible
-//! Chat Completions endpoint, [`FakeRobots`] the group-robot webhooks notifications go to;
-//! [`FakeStack`] starts the ones asked for together with a configuration pointing at them
-//! (used by `parley demo`, the end-to-end tests and `parley sim serve`). [`run_load`] is an
+//! (access tokens, robot sends, AI cards, sessionWebhooks, signed callbacks, the gateway's QPS
+//! and monthly limits), [`FakeWecom`] WeCom's (access tokens, message/send, encrypted
+//! callbacks), [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint (with paced SSE
+//! streams and scripted mid-stream faults), [`FakeRobots`] the group-robot webhooks
+//! notifications go to; [`FakeStack`] starts the ones asked for together with a configuration
+//! pointing at them (used by `parley demo`, the end-to-end tests and `parley sim serve`).
+//! [`run_load`] is an
 //! open-loop callback generator for benchmarks and [`run_notify_load`] a notification burst
 //! against fake robots. The fakes speak the wire formats of PROTOCOLS.md, record what they
 //! receive, accept scripted faults, bind port 0 in tests and start in milliseconds. This
@@ -26,7 +28,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 pub use dingtalk::{
-    CallbackSpec, ConversationType, FakeApp, FakeDingTalk, SentMessage, Via, send_callback,
+    CallbackSpec, CardFault, CardUpdate, ConversationType, EndpointStats, FakeApp, FakeCard,
+    FakeDingTalk, SentMessage, Via, send_callback,
 };
 pub use load::{LoadArgs, LoadReport, Percentiles, ReplyReport, run_load};
 pub use notify_load::{NotifyLoadArgs, NotifyLoadReport, RobotReport, run_notify_load};
@@ -62,6 +65,15 @@ pub enum SimCommand {
         /// Every Nth model request gets a 500 (0 = never).
         #[arg(long, default_value_t = 0)]
         llm_fail_every: usize,
+        /// Streamed answers: delay before the first token, in ms.
+        #[arg(long, default_value_t = 0)]
+        llm_first_token_ms: u64,
+        /// Streamed answers: characters per chunk (0 = four chunks).
+        #[arg(long, default_value_t = 0)]
+        llm_chunk_chars: usize,
+        /// Streamed answers: delay between chunks, in ms.
+        #[arg(long, default_value_t = 0)]
+        llm_chunk_interval_ms: u64,
         /// Listen address of the fake group robots (DingTalk custom robots, WeCom group
         /// robots) that notification channels push into.
         #[arg(long, default_value = "127.0.0.1:9300")]
@@ -89,6 +101,9 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
             api_key,
             llm_latency_ms,
             llm_fail_every,
+            llm_first_token_ms,
+            llm_chunk_chars,
+            llm_chunk_interval_ms,
             robots_listen,
             dingtalk_robots,
             wecom_robots,
@@ -106,6 +121,9 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
                     api_key,
                     latency: Duration::from_millis(llm_latency_ms),
                     fail_every: llm_fail_every,
+                    stream_first_token: Duration::from_millis(llm_first_token_ms),
+                    stream_chunk_chars: llm_chunk_chars,
+                    stream_chunk_interval: Duration::from_millis(llm_chunk_interval_ms),
                 })
                 .start()
                 .await?;

@@ -1095,6 +1095,7 @@ mod tests {
             api_base,
             markdown: false,
             welcome_text: None,
+            working_notice_secs: 0,
         };
         let crypto =
             WecomCrypto::new(SAMPLE_WECOM_TOKEN, SAMPLE_ENCODING_AES_KEY, SAMPLE_CORP_ID).unwrap();

@@ -3,6 +3,15 @@
 //! that the conversation history reached the model; answers, reasoning and failures (429 with
 //! `Retry-After`, 500, …) can be scripted per request, latency changed at run time, and every
 //! request is recorded. Both plain JSON and `stream: true` (SSE) responses are produced.
+//!
+//! Streams are paced like a real model (a delay before the first token, a chunk size and a
+//! delay between chunks, see [`FakeLlmOptions`]) and use the SSE spec the way providers do, so
+//! a client that only handles the easy case fails here rather than in production:
+//! `: keep-alive` comments before the first chunk and every few chunks, a `retry:` field,
+//! occasional `id:` and `event: message` lines, the finish chunk's JSON spread over two
+//! `data:` lines, and some frames cut in two body chunks at an arbitrary byte (mid-JSON,
+//! possibly mid-UTF-8). Mid-stream failures can be scripted: an in-band `data: {"error":…}`
+//! after N characters, or a body that just ends.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -27,10 +36,19 @@ use tokio_util::sync::CancellationToken;
 pub struct FakeLlmOptions {
     /// The only key accepted as `Authorization: Bearer <key>` (default `sk-sim`).
     pub api_key: String,
-    /// Delay before every answer (default 0); changeable later with `set_latency`.
+    /// Delay before every answer's response headers (or scripted failure) (default 0);
+    /// changeable later with `set_latency`.
     pub latency: Duration,
     /// Every Nth request gets a 500 (default 0 = never).
     pub fail_every: usize,
+    /// Streams: further delay after the headers and the role chunk, before the first
+    /// reasoning or content delta (default 0). Changeable with `set_stream_pacing`.
+    pub stream_first_token: Duration,
+    /// Streams: characters per delta (default 0 = the content in 4 deltas and the
+    /// reasoning in 3, whatever their length).
+    pub stream_chunk_chars: usize,
+    /// Streams: delay between two deltas (default 0).
+    pub stream_chunk_interval: Duration,
 }
 
 impl Default for FakeLlmOptions {
@@ -39,6 +57,9 @@ impl Default for FakeLlmOptions {
             api_key: "sk-sim".to_owned(),
             latency: Duration::ZERO,
             fail_every: 0,
+            stream_first_token: Duration::ZERO,
+            stream_chunk_chars: 0,
+            stream_chunk_interval: Duration::ZERO,
         }
     }
 }
@@ -49,6 +70,9 @@ impl fmt::Debug for FakeLlmOptions {
             .field("api_key", &"<redacted>")
             .field("latency", &self.latency)
             .field("fail_every", &self.fail_every)
+            .field("stream_first_token", &self.stream_first_token)
+            .field("stream_chunk_chars", &self.stream_chunk_chars)
+            .field("stream_chunk_interval", &self.stream_chunk_interval)
             .finish()
     }
 }
@@ -60,6 +84,8 @@ pub struct ChatRequestSeen {
     pub model: String,
     /// `(role, content)` of every message; parts arrays are joined to their text.
     pub messages: Vec<(String, String)>,
+    /// Whether it asked for `stream: true`.
+    pub stream: bool,
     /// When it arrived, ms since the Unix epoch.
     pub received_at_ms: i64,
 }
@@ -89,20 +115,40 @@ struct Inner {
 struct LlmState {
     latency: Duration,
     fail_every: usize,
+    pacing: Pacing,
     failures: VecDeque<(u16, Option<u64>)>,
+    stream_faults: VecDeque<StreamFault>,
     answers: VecDeque<Scripted>,
     seen: Vec<ChatRequestSeen>,
 }
 
+#[derive(Debug, Clone)]
 struct Scripted {
     reasoning: Option<String>,
     text: String,
 }
 
+/// How a stream is paced (see [`FakeLlmOptions`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Pacing {
+    first_token: Duration,
+    chunk_chars: usize,
+    interval: Duration,
+}
+
+/// A scripted mid-stream failure, after that many content characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamFault {
+    /// An in-band `data: {"error":…}` event, then the end of the body.
+    Error(usize),
+    /// The end of the body: no finish_reason, no `[DONE]`.
+    Cut(usize),
+}
+
 /// What the handler decided to answer, after the latency.
 enum Outcome {
     Fail(u16, Option<u64>),
-    Answer(Scripted),
+    Answer(Scripted, Option<StreamFault>),
 }
 
 impl FakeLlm {
@@ -118,7 +164,13 @@ impl FakeLlm {
             state: Mutex::new(LlmState {
                 latency: opts.latency,
                 fail_every: opts.fail_every,
+                pacing: Pacing {
+                    first_token: opts.stream_first_token,
+                    chunk_chars: opts.stream_chunk_chars,
+                    interval: opts.stream_chunk_interval,
+                },
                 failures: VecDeque::new(),
+                stream_faults: VecDeque::new(),
                 answers: VecDeque::new(),
                 seen: Vec::new(),
             }),
@@ -155,6 +207,38 @@ impl FakeLlm {
             .lock()
             .failures
             .push_back((status, retry_after_secs));
+    }
+
+    /// Changes how later streams are paced: `first_token` after the headers before the
+    /// first delta, `chunk_chars` characters per delta (0 = 4 content and 3 reasoning
+    /// deltas), `interval` between deltas.
+    pub fn set_stream_pacing(&self, first_token: Duration, chunk_chars: usize, interval: Duration) {
+        self.inner.lock().pacing = Pacing {
+            first_token,
+            chunk_chars,
+            interval,
+        };
+    }
+
+    /// Queues a mid-stream error for the next request that would be answered: HTTP 200,
+    /// the first `after_chars` characters of its answer (after any reasoning), then
+    /// `data: {"error":{"message","type":"server_error","code":null}}` and the end of the
+    /// body, without `[DONE]`. The answer itself (a scripted one stays queued) is not
+    /// consumed, so a retry gets it whole. A non-streaming request gets a 500 instead.
+    pub fn push_stream_error(&self, after_chars: usize) {
+        self.inner
+            .lock()
+            .stream_faults
+            .push_back(StreamFault::Error(after_chars));
+    }
+
+    /// Queues a cut stream, like [`Self::push_stream_error`] but the body simply ends after
+    /// `after_chars` characters: no error, no finish_reason, no usage, no `[DONE]`.
+    pub fn push_stream_cut(&self, after_chars: usize) {
+        self.inner
+            .lock()
+            .stream_faults
+            .push_back(StreamFault::Cut(after_chars));
     }
 
     /// Queues an answer: the next successful answer's content is exactly `text`.
@@ -245,6 +329,7 @@ async fn chat_completions(
         state.seen.push(ChatRequestSeen {
             model: req.model.clone(),
             messages: req.messages.clone(),
+            stream: req.stream,
             received_at_ms: shared::now_ms(),
         });
         state.latency
@@ -252,23 +337,31 @@ async fn chat_completions(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let outcome = {
+    let (outcome, pacing) = {
         let mut state = inner.lock();
-        if let Some((status, retry_after)) = state.failures.pop_front() {
+        let echoed = || Scripted {
+            reasoning: None,
+            text: echo(&req.messages),
+        };
+        let outcome = if let Some((status, retry_after)) = state.failures.pop_front() {
             Outcome::Fail(status, retry_after)
         } else if state.fail_every > 0 && n % state.fail_every == 0 {
             Outcome::Fail(500, None)
+        } else if let Some(fault) = state.stream_faults.pop_front() {
+            // The failed attempt only shows the answer: a retry must still get all of it.
+            let answer = state.answers.front().cloned().unwrap_or_else(echoed);
+            Outcome::Answer(answer, Some(fault))
         } else {
-            Outcome::Answer(state.answers.pop_front().unwrap_or_else(|| Scripted {
-                reasoning: None,
-                text: echo(&req.messages),
-            }))
-        }
+            Outcome::Answer(state.answers.pop_front().unwrap_or_else(echoed), None)
+        };
+        (outcome, state.pacing)
     };
     match outcome {
         Outcome::Fail(status, retry_after) => scripted_failure(status, retry_after),
-        Outcome::Answer(answer) if req.stream => stream_answer(&req, &answer),
-        Outcome::Answer(answer) => json_answer(&req, &answer),
+        Outcome::Answer(answer, fault) if req.stream => stream_answer(&req, &answer, pacing, fault),
+        // A stream failure has no in-band form without a stream: fail the whole request.
+        Outcome::Answer(_, Some(_)) => scripted_failure(500, None),
+        Outcome::Answer(answer, None) => json_answer(&req, &answer),
     }
 }
 
@@ -479,7 +572,15 @@ fn split_chunks(text: &str, parts: usize) -> Vec<&str> {
     if chars == 0 {
         return Vec::new();
     }
-    let per = chars.div_ceil(parts.max(1));
+    split_every(text, chars.div_ceil(parts.max(1)))
+}
+
+/// Splits `text` into pieces of `per` chars (the last may be shorter), on char boundaries.
+fn split_every(text: &str, per: usize) -> Vec<&str> {
+    if text.is_empty() {
+        return Vec::new();
+    }
+    let per = per.max(1);
     let mut out = Vec::new();
     let mut start = 0;
     for (i, (idx, _)) in text.char_indices().enumerate() {
@@ -492,7 +593,94 @@ fn split_chunks(text: &str, parts: usize) -> Vec<&str> {
     out
 }
 
-fn stream_answer(req: &ChatRequest, answer: &Scripted) -> Response {
+/// The first `n` chars of `text`.
+fn first_chars(text: &str, n: usize) -> &str {
+    text.char_indices()
+        .nth(n)
+        .map_or(text, |(idx, _)| &text[..idx])
+}
+
+/// A keep-alive comment goes out before every this many deltas (and before the first chunk).
+const KEEPALIVE_EVERY: usize = 5;
+
+/// One step of a streamed body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// A body chunk.
+    Write(Bytes),
+    /// A pause (pacing).
+    Pause(Duration),
+    /// Gives way once, so the chunk before is flushed on its own (a split frame's first half).
+    Yield,
+}
+
+/// Builds the steps of a stream: frames with the SSE decorations providers use.
+#[derive(Debug, Default)]
+struct Plan {
+    steps: Vec<Step>,
+    /// `data:` events written so far.
+    events: usize,
+}
+
+impl Plan {
+    fn keep_alive(&mut self) {
+        self.steps
+            .push(Step::Write(Bytes::from_static(b": keep-alive\n\n")));
+    }
+
+    fn pause(&mut self, d: Duration) {
+        if !d.is_zero() {
+            self.steps.push(Step::Pause(d));
+        }
+    }
+
+    /// One event. A `\n` in `data` (never in serde's JSON) continues it on a second `data:`
+    /// line, which a spec-compliant reader joins back with `\n` — harmless JSON whitespace.
+    fn event(&mut self, data: &str) {
+        let i = self.events;
+        self.events += 1;
+        let mut frame = String::new();
+        if i % 4 == 2 {
+            frame.push_str(&format!("id: {i}\n"));
+        }
+        if i % 6 == 3 {
+            // `message` is the default event type: an explicit one changes nothing per spec.
+            frame.push_str("event: message\n");
+        }
+        frame.push_str("data: ");
+        frame.push_str(&data.replace('\n', "\ndata: "));
+        frame.push_str("\n\n");
+        let frame = Bytes::from(frame);
+        if i % 3 == 1 {
+            // Cut mid-JSON: inside a multi-byte character if there is one (one byte past
+            // the lead byte nearest the midpoint), else at the midpoint.
+            let half = frame.len() / 2;
+            let is_lead = |b: &u8| *b >= 0xC0;
+            let mid = frame[half..]
+                .iter()
+                .position(is_lead)
+                .map(|p| half + p + 1)
+                .or_else(|| frame[..half].iter().rposition(is_lead).map(|p| p + 1))
+                .unwrap_or(half);
+            self.steps.push(Step::Write(frame.slice(..mid)));
+            self.steps.push(Step::Yield);
+            self.steps.push(Step::Write(frame.slice(mid..)));
+        } else {
+            self.steps.push(Step::Write(frame));
+        }
+    }
+}
+
+/// The steps of a streamed answer: headers go out with the first keep-alive and the role
+/// chunk, then after `first_token` the reasoning deltas, the content deltas (`interval`
+/// apart), the finish chunk, the usage chunk if asked for, and `[DONE]` — or, with a
+/// `fault`, the first `after_chars` content characters and then an error event or nothing.
+fn stream_plan(
+    req: &ChatRequest,
+    answer: &Scripted,
+    pacing: Pacing,
+    fault: Option<StreamFault>,
+) -> Vec<Step> {
     let id = completion_id();
     let created = unix_secs();
     let chunk = |delta: Value, finish: Value| {
@@ -509,44 +697,115 @@ fn stream_answer(req: &ChatRequest, answer: &Scripted) -> Response {
         }
         c
     };
-    let mut events = vec![chunk(
-        json!({ "role": "assistant", "content": "" }),
-        Value::Null,
-    )];
+    let pieces = |text: &'_ str, default_parts: usize| -> Vec<String> {
+        let pieces = if pacing.chunk_chars == 0 {
+            split_chunks(text, default_parts)
+        } else {
+            split_every(text, pacing.chunk_chars)
+        };
+        pieces.into_iter().map(str::to_owned).collect()
+    };
+    let (text, limit) = match fault {
+        Some(StreamFault::Error(n) | StreamFault::Cut(n)) => (first_chars(&answer.text, n), true),
+        None => (answer.text.as_str(), false),
+    };
+    let mut deltas: Vec<Value> = Vec::new();
     if let Some(reasoning) = &answer.reasoning {
-        for piece in split_chunks(reasoning, 3) {
-            events.push(chunk(json!({ "reasoning_content": piece }), Value::Null));
+        for piece in pieces(reasoning, 3) {
+            deltas.push(json!({ "reasoning_content": piece }));
         }
     }
-    for piece in split_chunks(&answer.text, 4) {
-        events.push(chunk(json!({ "content": piece }), Value::Null));
+    // A cut answer keeps the pacing of the whole one: chunk it whole, then stop early.
+    let mut budget = text.chars().count();
+    for piece in pieces(&answer.text, 4) {
+        if budget == 0 && limit {
+            break;
+        }
+        let piece = if limit {
+            first_chars(&piece, budget).to_owned()
+        } else {
+            piece
+        };
+        budget = budget.saturating_sub(piece.chars().count());
+        deltas.push(json!({ "content": piece }));
     }
-    events.push(chunk(json!({}), json!("stop")));
+
+    let mut plan = Plan::default();
+    plan.steps.push(Step::Write(Bytes::from_static(
+        b": keep-alive\nretry: 3000\n\n",
+    )));
+    plan.event(&chunk(json!({ "role": "assistant", "content": "" }), Value::Null).to_string());
+    plan.pause(pacing.first_token);
+    for (i, delta) in deltas.into_iter().enumerate() {
+        if i > 0 {
+            plan.pause(pacing.interval);
+            if i % KEEPALIVE_EVERY == 0 {
+                plan.keep_alive();
+            }
+        }
+        plan.event(&chunk(delta, Value::Null).to_string());
+    }
+    match fault {
+        Some(StreamFault::Error(_)) => {
+            plan.event(
+                &json!({ "error": {
+                    "message": "The server had an error while processing your request. Sorry about that!",
+                    "type": "server_error",
+                    "code": null,
+                } })
+                .to_string(),
+            );
+            return plan.steps;
+        }
+        Some(StreamFault::Cut(_)) => return plan.steps,
+        None => {}
+    }
+    // Spread over two `data:` lines at a point between two JSON tokens.
+    let finish =
+        chunk(json!({}), json!("stop"))
+            .to_string()
+            .replacen(",\"created\":", "\n,\"created\":", 1);
+    plan.event(&finish);
     if req.include_usage {
-        events.push(json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "system_fingerprint": "fp_parley_sim",
-            "choices": [],
-            "usage": usage(req, answer),
-        }));
+        plan.event(
+            &json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "system_fingerprint": "fp_parley_sim",
+                "choices": [],
+                "usage": usage(req, answer),
+            })
+            .to_string(),
+        );
     }
-    let mut frames: Vec<Bytes> = events
-        .iter()
-        .map(|e| Bytes::from(format!("data: {e}\n\n")))
-        .collect();
-    frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    let body = Body::from_stream(futures::stream::iter(
-        frames.into_iter().map(Ok::<_, Infallible>),
-    ));
+    plan.event("[DONE]");
+    plan.steps
+}
+
+fn stream_answer(
+    req: &ChatRequest,
+    answer: &Scripted,
+    pacing: Pacing,
+    fault: Option<StreamFault>,
+) -> Response {
+    let steps = stream_plan(req, answer, pacing, fault);
+    let body = futures::stream::unfold(steps.into_iter(), |mut steps| async move {
+        loop {
+            match steps.next()? {
+                Step::Write(bytes) => return Some((Ok::<_, Infallible>(bytes), steps)),
+                Step::Pause(d) => tokio::time::sleep(d).await,
+                Step::Yield => tokio::task::yield_now().await,
+            }
+        }
+    });
     (
         [
             (header::CONTENT_TYPE, "text/event-stream; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        body,
+        Body::from_stream(body),
     )
         .into_response()
 }
@@ -739,13 +998,87 @@ mod tests {
         assert_eq!(statuses, [200, 500, 200, 500]);
     }
 
+    /// What a spec-compliant SSE reader (WHATWG "event stream interpretation") sees.
+    #[derive(Debug, Default)]
+    struct Sse {
+        /// `(event type, data)` of every dispatched event.
+        events: Vec<(Option<String>, String)>,
+        comments: usize,
+        /// Bytes after the last blank line (an event never terminated).
+        unterminated: String,
+    }
+
+    fn parse_sse(body: &str) -> Sse {
+        let mut sse = Sse::default();
+        // Per spec: every `data:` value is appended plus `\n`; a blank line dispatches the
+        // buffer without its last `\n`, unless it is empty.
+        let (mut data, mut event) = (String::new(), None::<String>);
+        let mut lines: Vec<&str> = body.split('\n').collect();
+        // The text after the last `\n` is an incomplete line.
+        let tail = lines.pop().unwrap_or("");
+        let mut pending = String::new();
+        for line in lines {
+            if line.is_empty() {
+                if let Some(d) = data.strip_suffix('\n') {
+                    sse.events.push((event.take(), d.to_owned()));
+                }
+                data.clear();
+                event = None;
+                pending.clear();
+                continue;
+            }
+            pending.push_str(line);
+            pending.push('\n');
+            if line.starts_with(':') {
+                sse.comments += 1;
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "data" => {
+                    data.push_str(value);
+                    data.push('\n');
+                }
+                "event" => event = Some(value.to_owned()),
+                "id" | "retry" => {}
+                other => panic!("unexpected field {other:?}"),
+            }
+        }
+        pending.push_str(tail);
+        sse.unterminated = pending;
+        sse
+    }
+
+    /// The JSON chunks of a stream (up to `[DONE]` or an error).
+    fn json_chunks(sse: &Sse) -> Vec<Value> {
+        sse.events
+            .iter()
+            .take_while(|(_, d)| d != "[DONE]")
+            .map(|(_, d)| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+
+    fn deltas(chunks: &[Value], field: &str) -> Vec<String> {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][field].as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn stream_body(user: &str) -> Value {
+        let mut body = chat(&[user]);
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({ "include_usage": true });
+        body
+    }
+
     #[tokio::test]
     async fn streaming_sends_role_then_content_chunks_then_done() {
         let llm = fake(FakeLlmOptions::default()).await;
-        let mut body = chat(&["stream me please"]);
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({ "include_usage": true });
-        let resp = post(&llm, "sk-sim", &body).await;
+        let resp = post(&llm, "sk-sim", &stream_body("stream me please")).await;
         assert_eq!(resp.status(), 200);
         assert!(
             resp.headers()[header::CONTENT_TYPE]
@@ -754,23 +1087,23 @@ mod tests {
                 .starts_with("text/event-stream")
         );
         let text = resp.text().await.unwrap();
-        let events: Vec<&str> = text
-            .split("\n\n")
-            .filter(|e| !e.is_empty())
-            .map(|e| e.strip_prefix("data: ").unwrap())
-            .collect();
-        assert_eq!(*events.last().unwrap(), "[DONE]");
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e).unwrap())
-            .collect();
+        assert!(text.starts_with(": keep-alive\n"), "{text}");
+        assert!(text.contains("\nid: ") && text.contains("\nevent: message\n"));
+        let sse = parse_sse(&text);
+        assert_eq!(sse.unterminated, "");
+        assert_eq!(sse.events.last().unwrap().1, "[DONE]");
+        assert!(
+            sse.events
+                .iter()
+                .all(|(e, _)| e.as_deref().is_none_or(|e| e == "message"))
+        );
+        let chunks = json_chunks(&sse);
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-        let content: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-            .collect();
-        assert_eq!(content, "Echo: stream me please (turn 1)");
-        assert!(chunks.len() >= 5);
+        assert_eq!(
+            deltas(&chunks, "content").concat(),
+            "Echo: stream me please (turn 1)"
+        );
+        assert_eq!(deltas(&chunks, "content").len(), 4);
         let usage = chunks.last().unwrap();
         assert_eq!(usage["choices"], json!([]));
         assert!(usage["usage"]["total_tokens"].is_u64());
@@ -778,10 +1111,221 @@ mod tests {
             chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
             "stop"
         );
+        // The finish chunk spans two `data:` lines.
+        assert!(text.contains("\ndata: ,\"created\":"), "{text}");
+        assert!(llm.requests()[0].stream);
+    }
+
+    #[tokio::test]
+    async fn a_naive_reader_concatenating_content_gets_exactly_the_answer() {
+        let llm = fake(FakeLlmOptions {
+            stream_chunk_chars: 1,
+            ..FakeLlmOptions::default()
+        })
+        .await;
+        let answer = "多字节的回答：λ → ✓, \"quoted\" and\nnew lines 🎉";
+        llm.push_reasoning("先想一想……", answer);
+        let mut resp = post(&llm, "sk-sim", &stream_body("x")).await;
+        // Read body chunks as they come; frames may be cut anywhere, even mid-character.
+        let mut raw = Vec::new();
+        while let Some(bytes) = resp.chunk().await.unwrap() {
+            raw.extend_from_slice(&bytes);
+        }
+        let sse = parse_sse(std::str::from_utf8(&raw).unwrap());
+        let chunks = json_chunks(&sse);
+        assert_eq!(deltas(&chunks, "content").concat(), answer);
+        assert_eq!(deltas(&chunks, "reasoning_content").concat(), "先想一想……");
+        assert!(
+            deltas(&chunks, "content")
+                .iter()
+                .all(|d| d.chars().count() == 1)
+        );
+        // Reasoning comes first, all of it.
+        let kinds: Vec<&str> = chunks
+            .iter()
+            .filter_map(|c| {
+                let d = &c["choices"][0]["delta"];
+                if d["reasoning_content"].is_string() {
+                    Some("r")
+                } else if d["content"].as_str().is_some_and(|s| !s.is_empty()) {
+                    Some("c")
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let first_content = kinds.iter().position(|k| *k == "c").unwrap();
+        assert!(kinds[..first_content].iter().all(|k| *k == "r"));
+        assert!(kinds[first_content..].iter().all(|k| *k == "c"));
+        // Long streams keep sending keep-alives.
+        assert!(sse.comments > answer.chars().count() / KEEPALIVE_EVERY);
+        assert!(!llm.requests()[0].messages.is_empty());
+    }
+
+    #[test]
+    fn frames_are_cut_mid_json_and_mid_character() {
+        let req = ChatRequest {
+            model: "m".into(),
+            messages: vec![("user".into(), "hi".into())],
+            stream: true,
+            include_usage: false,
+        };
+        let answer = Scripted {
+            reasoning: None,
+            text: "你好世界你好世界".into(),
+        };
+        let steps = stream_plan(&req, &answer, Pacing::default(), None);
+        let writes: Vec<&Bytes> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Write(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let cut = writes.iter().filter(|b| !b.ends_with(b"\n\n")).count();
+        assert!(cut >= 2, "{writes:?}");
+        assert!(
+            writes.iter().any(|b| std::str::from_utf8(b).is_err()),
+            "one cut falls inside a character"
+        );
+        assert!(steps.contains(&Step::Yield));
+        let whole: Vec<u8> = writes.iter().flat_map(|b| b.iter().copied()).collect();
+        let sse = parse_sse(std::str::from_utf8(&whole).unwrap());
+        assert_eq!(deltas(&json_chunks(&sse), "content").concat(), answer.text);
+        assert!(
+            !steps.iter().any(|s| matches!(s, Step::Pause(_))),
+            "no pacing by default"
+        );
+    }
+
+    #[tokio::test]
+    async fn pacing_delays_the_first_token_and_spaces_the_chunks() {
+        let llm = fake(FakeLlmOptions::default()).await;
+        let first_token = Duration::from_millis(300);
+        let interval = Duration::from_millis(40);
+        llm.set_stream_pacing(first_token, 5, interval);
+        llm.push_answer("0123456789abcdefghij");
+        let started = std::time::Instant::now();
+        let mut resp = post(&llm, "sk-sim", &stream_body("x")).await;
+        let mut raw = Vec::new();
+        let mut first_content = None;
+        while let Some(bytes) = resp.chunk().await.unwrap() {
+            raw.extend_from_slice(&bytes);
+            let seen = String::from_utf8_lossy(&raw).into_owned();
+            if first_content.is_none() && seen.contains("\"content\":\"01234\"") {
+                first_content = Some(started.elapsed());
+            }
+        }
+        let total = started.elapsed();
+        let first_content = first_content.unwrap();
+        assert!(first_content >= first_token, "{first_content:?}");
+        // Four chunks of five chars, three intervals between them.
+        assert!(total >= first_token + interval * 3, "{total:?}");
+        assert!(total < Duration::from_secs(5), "{total:?}");
+        let sse = parse_sse(std::str::from_utf8(&raw).unwrap());
+        assert_eq!(
+            deltas(&json_chunks(&sse), "content"),
+            vec!["01234", "56789", "abcde", "fghij"]
+        );
+
+        // Back to unpaced: answered at once.
+        llm.set_stream_pacing(Duration::ZERO, 0, Duration::ZERO);
+        let started = std::time::Instant::now();
+        post(&llm, "sk-sim", &stream_body("x"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(started.elapsed() < first_token);
+    }
+
+    #[tokio::test]
+    async fn stream_faults_error_or_cut_after_n_chars_and_keep_the_answer() {
+        let llm = fake(FakeLlmOptions::default()).await;
+        llm.push_answer("the scripted answer");
+        llm.push_stream_error(5);
+        llm.push_stream_cut(9);
+        let body = stream_body("x");
+
+        let resp = post(&llm, "sk-sim", &body).await;
+        assert_eq!(resp.status(), 200);
+        let sse = parse_sse(&resp.text().await.unwrap());
+        assert_eq!(sse.unterminated, "");
+        let last = &sse.events.last().unwrap().1;
+        let error: Value = serde_json::from_str(last).unwrap();
+        assert_eq!(error["error"]["type"], "server_error");
+        assert!(error["error"]["message"].is_string());
+        assert!(error["error"]["code"].is_null());
+        assert!(sse.events.iter().all(|(_, d)| d != "[DONE]"));
+        let chunks: Vec<Value> = json_chunks(&sse)
+            .into_iter()
+            .filter(|c| c.get("error").is_none())
+            .collect();
+        assert_eq!(deltas(&chunks, "content").concat(), "the s");
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["choices"][0]["finish_reason"].is_null())
+        );
+
+        let resp = post(&llm, "sk-sim", &body).await;
+        assert_eq!(resp.status(), 200);
+        let sse = parse_sse(&resp.text().await.unwrap());
+        assert!(sse.events.iter().all(|(_, d)| d != "[DONE]"));
+        let chunks = json_chunks(&sse);
+        assert!(chunks.iter().all(|c| c.get("error").is_none()));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["choices"][0]["finish_reason"].is_null())
+        );
+        assert!(
+            chunks.iter().all(|c| c["choices"] != json!([])),
+            "no usage chunk"
+        );
+        assert_eq!(deltas(&chunks, "content").concat(), "the scrip");
+
+        // The scripted answer survived both failed attempts.
+        let sse = parse_sse(&post(&llm, "sk-sim", &body).await.text().await.unwrap());
+        assert_eq!(sse.events.last().unwrap().1, "[DONE]");
+        assert_eq!(
+            deltas(&json_chunks(&sse), "content").concat(),
+            "the scripted answer"
+        );
+
+        // A fault past the end streams the whole answer, then fails.
+        llm.push_stream_cut(1000);
+        let sse = parse_sse(&post(&llm, "sk-sim", &body).await.text().await.unwrap());
+        assert_eq!(
+            deltas(&json_chunks(&sse), "content").concat(),
+            "Echo: x (turn 1)"
+        );
+        assert!(sse.events.iter().all(|(_, d)| d != "[DONE]"));
+
+        // Without a stream the fault is a plain 500.
+        llm.push_stream_error(3);
+        let resp = post(&llm, "sk-sim", &chat(&["plain"])).await;
+        assert_eq!(resp.status(), 500);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "server_error");
+        let v: Value = post(&llm, "sk-sim", &chat(&["plain"]))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "Echo: plain (turn 1)"
+        );
+        let seen: Vec<bool> = llm.requests().iter().map(|r| r.stream).collect();
+        assert_eq!(seen, [true, true, true, true, false, false]);
     }
 
     #[test]
     fn split_chunks_respects_char_boundaries() {
+        assert_eq!(split_every("你好世界呀", 2), vec!["你好", "世界", "呀"]);
+        assert_eq!(first_chars("你好世界", 2), "你好");
+        assert_eq!(first_chars("ab", 5), "ab");
         assert_eq!(split_chunks("你好世界呀", 2), vec!["你好世", "界呀"]);
         assert_eq!(split_chunks("ab", 4), vec!["a", "b"]);
         assert!(split_chunks("", 4).is_empty());
