@@ -337,6 +337,7 @@ fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec
                 http.clone(),
                 b.clone(),
                 tokens.clone(),
+                backends.cache.clone(),
             )),
             BotSettings::Wecom(b) => {
                 Arc::new(WecomMessenger::new(http.clone(), b.clone(), tokens.clone()))

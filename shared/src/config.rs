@@ -358,6 +358,56 @@ pub struct DingTalkBot {
     /// Robot code if it differs from the app key.
     #[serde(default)]
     pub robot_code: Option<String>,
+    /// How answers go out: `"message"` (default) or `"card"`, an AI card streaming the
+    /// answer as it is written.
+    #[serde(default)]
+    pub reply_mode: ReplyMode,
+    /// The AI card template. Default the SDK's markdown AI card,
+    /// `382e4302-551d-4880-bf29-a30acfab2e71.schema`.
+    #[serde(default = "default_card_template")]
+    pub card_template_id: String,
+    /// The template variable the answer streams into. Default `msgContent`.
+    #[serde(default = "default_card_content_key")]
+    pub card_content_key: String,
+    /// Least time between two updates of one card, ms. Default 500.
+    #[serde(default = "default_card_interval")]
+    pub card_update_interval_ms: u64,
+    /// Calls per second to each OpenAPI endpoint of this app, across the cluster. Default 20,
+    /// the standard edition's limit.
+    #[serde(default = "default_api_qps")]
+    pub api_qps: u32,
+    /// Metered OpenAPI calls per calendar month (Asia/Shanghai) across the cluster; 0
+    /// (default) = unlimited. When what is left cannot cover a card, the answer is a message.
+    #[serde(default)]
+    pub api_monthly_budget: u64,
+    /// Seconds after which a chatter still waiting for a message answer is told it is being
+    /// worked on; 0 (default) = never.
+    #[serde(default)]
+    pub working_notice_secs: u64,
+}
+
+/// How a DingTalk bot's answers go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyMode {
+    /// One or more messages once the answer is complete.
+    #[default]
+    Message,
+    /// An AI card showing the answer as it is written.
+    Card,
+}
+
+fn default_card_template() -> String {
+    "382e4302-551d-4880-bf29-a30acfab2e71.schema".into()
+}
+fn default_card_content_key() -> String {
+    "msgContent".into()
+}
+fn default_card_interval() -> u64 {
+    500
+}
+fn default_api_qps() -> u32 {
+    20
 }
 
 impl DingTalkBot {
@@ -392,6 +442,10 @@ pub struct WecomBot {
     /// Text sent when a member opens the app (`enter_agent`) or subscribes; absent = no reply.
     #[serde(default)]
     pub welcome_text: Option<String>,
+    /// Seconds after which a chatter still waiting for the answer is told it is being
+    /// worked on; 0 (default) = never.
+    #[serde(default)]
+    pub working_notice_secs: u64,
 }
 
 fn default_wecom_api() -> String {

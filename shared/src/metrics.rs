@@ -35,6 +35,14 @@ pub struct Metrics {
     pub platform_requests: IntCounterVec,
     /// Access-token fetches by platform.
     pub token_fetches: IntCounterVec,
+    /// `parley_platform_throttle_wait_seconds{platform,api}`
+    pub throttle_wait: HistogramVec,
+    /// `parley_platform_budget_remaining{bot}`
+    pub budget_remaining: IntGaugeVec,
+    /// `parley_first_content_seconds{platform}`
+    pub first_content: HistogramVec,
+    /// `parley_card_updates{platform}`
+    pub card_updates: HistogramVec,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -154,6 +162,33 @@ impl Metrics {
                 "parley_token_fetches_total",
                 "Access-token fetches, by platform.",
                 &["platform"],
+            ),
+            throttle_wait: histogram(
+                &r,
+                "parley_platform_throttle_wait_seconds",
+                "Time platform calls waited for the app's shared rate limit, by platform and api.",
+                &["platform", "api"],
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+            ),
+            budget_remaining: gauge_vec(
+                &r,
+                "parley_platform_budget_remaining",
+                "Metered platform API calls left this month (api_monthly_budget), by bot.",
+                &["bot"],
+            ),
+            first_content: histogram(
+                &r,
+                "parley_first_content_seconds",
+                "Time from accepting a message to the first visible text of its streamed answer.",
+                &["platform"],
+                vec![0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0],
+            ),
+            card_updates: histogram(
+                &r,
+                "parley_card_updates",
+                "Streaming updates sent per card, the final one included.",
+                &["platform"],
+                vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0],
             ),
             registry: r,
         }

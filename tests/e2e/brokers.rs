@@ -472,3 +472,44 @@ async fn three_workers_answer_each_conversation_in_order_with_its_history() {
         w.stop().await;
     }
 }
+
+#[tokio::test]
+async fn worker_killed_mid_stream_finishes_the_same_card_and_opens_no_second() {
+    let app = TestApp::spawn_opts(Options {
+        dingtalk: "reply_mode = \"card\"\ncard_update_interval_ms = 200".into(),
+        ..brokers(Roles::Ingress)
+    })
+    .await;
+    // About 4 s of streaming: time to kill the worker in the middle.
+    app.llm
+        .set_stream_pacing(Duration::from_millis(100), 1, Duration::from_millis(150));
+    let (first, _cfg1) = worker_process(&app);
+    let spec = group_spec(&app, 1, "a long streaming answer");
+    assert_eq!(app.send(&spec).await.status(), 200);
+    wait_until("the card to show part of the answer", || {
+        app.dingtalk
+            .cards()
+            .first()
+            .is_some_and(|c| c.updates.len() >= 2)
+    })
+    .await;
+    drop(first);
+    let shown_before = app.dingtalk.cards()[0].updates.len();
+    let (_second, _cfg2) = worker_process(&app);
+    let cards = app.dingtalk.wait_for_finished_cards(1, LONG_WAIT).await;
+    assert_eq!(cards.len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = app.dingtalk.cards();
+    assert_eq!(all.len(), 1, "one card only: {all:?}");
+    let card = &all[0];
+    assert!(card.finalized && !card.errored);
+    assert!(
+        card.updates.len() > shown_before,
+        "the second worker carried on"
+    );
+    assert_eq!(
+        card.content["msgContent"],
+        "Echo: a long streaming answer (turn 1)"
+    );
+    assert!(app.dingtalk.sent().is_empty(), "no plain message as well");
+}

@@ -80,6 +80,8 @@ pub(crate) struct Options {
     pub(crate) amqp_url: Option<String>,
     /// Extra top-level TOML (e.g. `[[channels]]` tables), appended last.
     pub(crate) extra: String,
+    /// Extra TOML lines for the DingTalk bot `main` (e.g. `reply_mode = "card"`).
+    pub(crate) dingtalk: String,
 }
 
 impl Default for Options {
@@ -92,6 +94,7 @@ impl Default for Options {
             redis_url: REDIS_URL.into(),
             amqp_url: None,
             extra: String::new(),
+            dingtalk: String::new(),
         }
     }
 }
@@ -276,7 +279,11 @@ impl TestApp {
             brokers_ready().await;
         }
         let stack = FakeStack::builder()
-            .dingtalk_bot("main", FakeApp::new(APP_KEY, APP_SECRET))
+            .dingtalk_bot_with(
+                "main",
+                FakeApp::new(APP_KEY, APP_SECRET),
+                opts.dingtalk.clone(),
+            )
             .wecom_bot(
                 "wx",
                 FakeWecomApp {

@@ -28,6 +28,7 @@ macro_rules! on_both_backends {
 }
 
 mod brokers;
+mod cards;
 mod dingtalk;
 mod helpers;
 mod notify;

@@ -2,7 +2,7 @@
 //! pacing (governor) and the model call. A model that still fails after the client's own
 //! retries gets the chatter a short apology instead of silence.
 
-use crate::handler::{Answer, Handler};
+use crate::handler::{Answer, Handler, Shown};
 use crate::notice::NoticeHandler;
 use crate::settle::Outcome;
 use crate::texts;
@@ -100,7 +100,7 @@ impl ChatHandler {
 
 #[async_trait]
 impl Handler for ChatHandler {
-    async fn answer(&self, job: &Job) -> Result<Answer, Outcome> {
+    async fn answer(&self, job: &Job, shown: Option<&Shown>) -> Result<Answer, Outcome> {
         let text = match &job.content {
             Content::Unsupported { kind } => {
                 tracing::info!(kind, "unsupported message type");
@@ -109,7 +109,7 @@ impl Handler for ChatHandler {
             Content::Fixed { text } => return Ok(Answer::plain(text, "fixed")),
             // The chat lane never carries notices; answered as the notice lane would, as
             // the one worker did before the lanes had handlers of their own.
-            Content::Notice { .. } => return NoticeHandler.answer(job).await,
+            Content::Notice { .. } => return NoticeHandler.answer(job, None).await,
             Content::Text { text } => text.trim(),
         };
         let history_key = format!("history:{}", job.conversation_key);
@@ -134,7 +134,11 @@ impl Handler for ChatHandler {
         messages.push(ChatMessage::new(Role::User, text));
         self.limiter.until_ready().await;
         let started = Instant::now();
-        match self.llm.chat(&messages).await {
+        let called = match shown {
+            Some(shown) => self.llm.chat_streaming(&messages, shown).await,
+            None => self.llm.chat(&messages).await,
+        };
+        match called {
             Ok(c) => {
                 tracing::debug!(ms = started.elapsed().as_millis() as u64, "model answered");
                 let turn = [
@@ -160,11 +164,15 @@ impl Handler for ChatHandler {
                     title: None,
                     text: c.text,
                     kind: "answered".into(),
+                    failed: false,
                 })
             }
             Err(e) => {
                 tracing::error!(error = %e, "model gave no answer; telling the chatter");
-                Ok(Answer::plain(texts::MODEL_FAILED, "model_failed"))
+                Ok(Answer {
+                    failed: true,
+                    ..Answer::plain(texts::MODEL_FAILED, "model_failed")
+                })
             }
         }
     }

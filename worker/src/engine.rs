@@ -6,6 +6,7 @@
 //! lane's [`Handler`]; the engine knows nothing of models, history or commands.
 
 use crate::handler::{Answer, Handler};
+use crate::live::{self, Finished, Followed};
 use crate::order;
 use crate::settle::{Outcome, settlement};
 use crate::texts;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// How long per-job state (answer, progress, answered marker) is kept.
-const JOB_STATE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const JOB_STATE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// How many jobs a worker takes from the queue at most (waiting plus working): also the
 /// broker prefetch, so the broker never hands a worker more than it will hold.
@@ -308,17 +309,36 @@ impl Engine {
                 reason: format!("no bot {} on {}", job.bot_id, job.platform.as_str()),
             };
         };
-        let (answer, resumed) = match self.answer(job).await {
+        let (answer, resumed, followed) = match self.answer(job, messenger.as_ref()).await {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
-        let outcome = self
-            .deliver(job, messenger.as_ref(), &answer, resumed)
-            .await;
+        let outcome = match messenger.live(job).filter(|_| followed.open) {
+            Some(reply) => match live::finish(reply, job, &answer).await {
+                Finished::Done => {
+                    shared::metrics::get()
+                        .card_updates
+                        .with_label_values(&[job.platform.as_str()])
+                        .observe(f64::from(followed.updates + 1));
+                    Outcome::Answered
+                }
+                Finished::Later { reason, after } => Outcome::Retry { reason, after },
+                Finished::Refused(reason) => {
+                    tracing::warn!(%reason, "card refused its final update; answering with a message");
+                    self.deliver(job, messenger.as_ref(), &answer, resumed)
+                        .await
+                }
+            },
+            None => {
+                self.deliver(job, messenger.as_ref(), &answer, resumed)
+                    .await
+            }
+        };
         if outcome == Outcome::Answered {
             let _ = cache.set(&answered_key, "1", JOB_STATE_TTL).await;
             let _ = cache.delete(&format!("answer:{}", job.id)).await;
             let _ = cache.delete(&format!("progress:{}", job.id)).await;
+            let _ = cache.delete(&live::open_key(job)).await;
             count(job, &answer.kind);
             shared::metrics::get()
                 .job_duration
@@ -330,21 +350,80 @@ impl Engine {
         outcome
     }
 
-    /// The answer, and whether it comes from an earlier attempt (which may have sent parts):
-    /// from the cache if an earlier attempt made it, else from the handler now.
-    async fn answer(&self, job: &Job) -> Result<(Answer, bool), Outcome> {
+    /// The answer, whether it comes from an earlier attempt (which may have sent parts),
+    /// and how its live reply went: from the cache if an earlier attempt made it, else from
+    /// the handler now — shown live while it is written when the bot has a live reply.
+    async fn answer(
+        &self,
+        job: &Job,
+        messenger: &dyn Messenger,
+    ) -> Result<(Answer, bool, Followed), Outcome> {
+        let cache = self.inner.cache.as_ref();
+        let reply = messenger.live(job);
+        let open = match reply {
+            Some(_) => matches!(cache.get(&live::open_key(job)).await, Ok(Some(_))),
+            None => false,
+        };
         let key = format!("answer:{}", job.id);
-        if let Ok(Some(saved)) = self.inner.cache.get(&key).await
+        if let Ok(Some(saved)) = cache.get(&key).await
             && let Ok(a) = serde_json::from_str::<Answer>(&saved)
         {
-            return Ok((a, true));
+            return Ok((a, true, Followed { open, updates: 0 }));
         }
-        let answer = self.inner.handler.answer(job).await?;
+        let handler = self.inner.handler.as_ref();
+        let (answer, followed) = match reply {
+            Some(reply) => {
+                let (shown, seen) = tokio::sync::watch::channel(String::new());
+                let write = async move {
+                    let answer = handler.answer(job, Some(&shown)).await;
+                    drop(shown);
+                    answer
+                };
+                let (answer, followed) =
+                    tokio::join!(write, live::follow(reply, job, cache, seen, open));
+                (answer?, followed)
+            }
+            None => {
+                let answer = self
+                    .with_working_notice(job, messenger, handler.answer(job, None))
+                    .await?;
+                (answer, Followed::default())
+            }
+        };
         let saved = serde_json::to_string(&answer).expect("answers serialize");
-        if let Err(e) = self.inner.cache.set(&key, &saved, JOB_STATE_TTL).await {
+        if let Err(e) = cache.set(&key, &saved, JOB_STATE_TTL).await {
             tracing::warn!(error = %e, "could not save an answer; a retry would ask the model again");
         }
-        Ok((answer, false))
+        Ok((answer, false, followed))
+    }
+
+    /// Runs `answering`; if it takes longer than the bot's working-notice time, tells the
+    /// chatter once (across deliveries of the job) that the answer is coming.
+    async fn with_working_notice(
+        &self,
+        job: &Job,
+        messenger: &dyn Messenger,
+        answering: impl std::future::Future<Output = Result<Answer, Outcome>>,
+    ) -> Result<Answer, Outcome> {
+        let Some(after) = messenger.working_notice_after() else {
+            return answering.await;
+        };
+        tokio::pin!(answering);
+        tokio::select! {
+            answer = &mut answering => return answer,
+            _ = tokio::time::sleep(after) => {}
+        }
+        let key = format!("working:{}", job.id);
+        if matches!(
+            self.inner.cache.set_nx(&key, "1", JOB_STATE_TTL).await,
+            Ok(true)
+        ) && let Err(e) = messenger
+            .send(job, &OutgoingMessage::text(texts::WORKING))
+            .await
+        {
+            tracing::warn!(error = %e, "could not tell the chatter the answer is coming");
+        }
+        answering.await
     }
 
     /// Sends the parts not yet sent, in order, recording progress after each.

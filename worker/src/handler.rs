@@ -6,6 +6,10 @@ use crate::settle::Outcome;
 use async_trait::async_trait;
 use shared::job::Job;
 use std::fmt;
+use tokio::sync::watch;
+
+/// Where a handler shows the visible text of an answer while it is written.
+pub type Shown = watch::Sender<String>;
 
 /// The answer to one job, before splitting. Cached as JSON under `answer:{job}` so a
 /// redelivered job is answered the same way without composing it again.
@@ -20,6 +24,10 @@ pub struct Answer {
     pub title: Option<String>,
     /// Label for `parley_jobs_total{outcome}`.
     pub kind: String,
+    /// The text is the apology for an answer that could not be made (a live reply shows
+    /// it as failed).
+    #[serde(default)]
+    pub failed: bool,
 }
 
 impl Answer {
@@ -30,6 +38,7 @@ impl Answer {
             markdown: false,
             title: None,
             kind: kind.into(),
+            failed: false,
         }
     }
 }
@@ -37,6 +46,7 @@ impl Answer {
 /// One kind of job: what the answer to a job is.
 #[async_trait]
 pub trait Handler: Send + Sync + fmt::Debug {
-    /// The answer to `job`, or the outcome that ends the job without one.
-    async fn answer(&self, job: &Job) -> Result<Answer, Outcome>;
+    /// The answer to `job`, or the outcome that ends the job without one. With `shown`,
+    /// the answer's text so far is published there as it is written.
+    async fn answer(&self, job: &Job, shown: Option<&Shown>) -> Result<Answer, Outcome>;
 }

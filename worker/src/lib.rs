@@ -10,6 +10,7 @@
 mod chat;
 mod engine;
 mod handler;
+mod live;
 mod notice;
 mod order;
 mod settle;
@@ -17,7 +18,7 @@ mod texts;
 
 pub use chat::{ChatHandler, ChatSettings};
 pub use engine::{Engine, EngineSettings, Messengers, deliver_answer, intake_limit, job_span};
-pub use handler::{Answer, Handler};
+pub use handler::{Answer, Handler, Shown};
 pub use notice::NoticeHandler;
 pub use settle::{Outcome, retry_delay, settlement};
 

@@ -1,7 +1,7 @@
 //! The notice job kind: a notification (`Content::Notice`) is delivered as it was given —
 //! text or markdown, with its title. Splitting to the robot's limit is the engine's.
 
-use crate::handler::{Answer, Handler};
+use crate::handler::{Answer, Handler, Shown};
 use crate::settle::Outcome;
 use async_trait::async_trait;
 use shared::job::{Content, Job};
@@ -23,6 +23,7 @@ impl NoticeHandler {
                 markdown: *markdown,
                 title: title.clone(),
                 kind: "notice".into(),
+                failed: false,
             }),
             _ => None,
         }
@@ -31,7 +32,7 @@ impl NoticeHandler {
 
 #[async_trait]
 impl Handler for NoticeHandler {
-    async fn answer(&self, job: &Job) -> Result<Answer, Outcome> {
+    async fn answer(&self, job: &Job, _shown: Option<&Shown>) -> Result<Answer, Outcome> {
         // Only the ingress's notification routes publish on this lane, and they publish
         // notices only.
         Self::render(job).ok_or_else(|| Outcome::GiveUp {

@@ -137,7 +137,7 @@ async fn a_notice_is_split_by_the_engine_and_resumes_after_its_last_sent_part() 
     let (engine, robot) = notify_engine(Arc::new(queue), cache.clone());
     let job = notice("n-1", "aaaaaaaaa\nbbbbbbbbb\nccccccccc\nddddddddd");
     // An earlier attempt made the answer and sent its first part.
-    let answer = NoticeHandler.answer(&job).await.unwrap();
+    let answer = NoticeHandler.answer(&job, None).await.unwrap();
     let saved = serde_json::to_string(&answer).unwrap();
     cache
         .set("answer:n-1", &saved, Duration::from_secs(60))

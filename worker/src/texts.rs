@@ -17,6 +17,9 @@ pub(crate) const UNSUPPORTED: &str = "抱歉，我目前只能理解文字和语
 pub(crate) const MODEL_FAILED: &str = "抱歉，我暂时无法回答，请稍后再试。\
 (Sorry, I can't answer right now. Please try again in a moment.)";
 
+/// Sent once when an answer takes longer than the bot's `working_notice_secs`.
+pub(crate) const WORKING: &str = "正在思考，请稍候…… (Working on it, one moment…)";
+
 /// Sent when a message is given up after every retry.
 pub(crate) const GAVE_UP: &str = "抱歉，这条消息多次处理失败，已经放弃，请稍后重新发送。\
 (Sorry, I could not deliver an answer to that message. Please send it again later.)";

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod dingtalk;
+pub mod governor;
 pub mod robots;
 pub mod token;
 pub mod wecom;
@@ -74,6 +75,47 @@ pub trait Messenger: Send + Sync + fmt::Debug {
     fn limit(&self, markdown: bool) -> Limit;
     /// Delivers one part as an answer to `job`.
     async fn send(&self, job: &Job, message: &OutgoingMessage) -> Result<(), SendError>;
+    /// The reply that shows `job`'s answer while it is written, if this bot has one.
+    fn live(&self, _job: &Job) -> Option<&dyn LiveReply> {
+        None
+    }
+    /// How long a chatter waits for a message answer before being told it is coming.
+    fn working_notice_after(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Which call of a live reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The first: the reply appears, showing the first text.
+    Open,
+    /// The text so far, replacing what is shown.
+    Update,
+    /// The whole answer, or with `failed` the friendly failure text; nothing follows.
+    Final {
+        /// The model failed: the reply is marked as failed.
+        failed: bool,
+    },
+}
+
+/// A reply shown while it is written (a DingTalk AI card). The worker decides when to
+/// call; the platform side knows its calls, limits and budget.
+#[async_trait]
+pub trait LiveReply: Send + Sync {
+    /// The least time between two updates of one reply.
+    fn interval(&self) -> Duration;
+    /// Waits until a call of `stage` may go out (rate limits, budget), at most until
+    /// `deadline`. An error means not now: an update is skipped, an open falls back to
+    /// messages.
+    async fn pace(
+        &self,
+        stage: Stage,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), SendError>;
+    /// Shows `text` at `stage`. Repeating a call is harmless: each shows the whole text,
+    /// and opening a reply that is already open succeeds.
+    async fn show(&self, job: &Job, text: &str, stage: Stage) -> Result<(), SendError>;
 }
 
 /// Whether an answer uses markdown worth rendering (headings, lists, emphasis, code,

@@ -2,13 +2,17 @@
 //! is valid (no token, and a group answer can @ the sender), otherwise through the OpenAPI
 //! robot sends with the app's access token from the shared [`TokenCache`]. A token DingTalk
 //! refuses (`InvalidAuthentication`, 401) is dropped and the call made once more with a
-//! fresh one; throttling (403 `…QpsLimit…`, errcode 130101, -1) is reported as retryable.
+//! fresh one; throttling (403 `…QpsLimit…`, errcode 130101, -1, 90018, 90002) is reported
+//! as retryable. Every OpenAPI call first takes a slot of the app's [`Governor`] and is
+//! counted against its monthly budget; the sessionWebhook is neither paced nor metered.
 
-use crate::config::DingTalkBot;
+use crate::cache::Cache;
+use crate::config::{DingTalkBot, ReplyMode};
 use crate::job::{DingTalkTarget, Job, ReplyTarget};
 use crate::platform::api::{PlatformApi, Verdict};
+use crate::platform::governor::{Governor, Priority};
 use crate::platform::token::{AccessToken, Authorized, TokenCache};
-use crate::platform::{Messenger, OutgoingMessage, SendError};
+use crate::platform::{LiveReply, Messenger, OutgoingMessage, SendError};
 use crate::secret::Secret;
 use crate::split::Limit;
 use async_trait::async_trait;
@@ -26,8 +30,9 @@ const WEBHOOK_MARGIN_MS: i64 = 60_000;
 /// Sends answers for one DingTalk bot.
 #[derive(Debug)]
 pub struct DingTalkMessenger {
-    api: PlatformApi,
-    bot: DingTalkBot,
+    pub(super) api: PlatformApi,
+    pub(super) bot: DingTalkBot,
+    pub(super) governor: Governor,
 }
 
 /// What a sessionWebhook send came to.
@@ -38,11 +43,24 @@ enum Webhook {
 }
 
 impl DingTalkMessenger {
-    /// A messenger for `bot`, sharing `http` and `tokens` with the rest of the process.
-    pub fn new(http: reqwest::Client, bot: DingTalkBot, tokens: Arc<TokenCache>) -> Self {
+    /// A messenger for `bot`, sharing `http` and `tokens` with the rest of the process and
+    /// the app's API limits with the cluster through `cache`.
+    pub fn new(
+        http: reqwest::Client,
+        bot: DingTalkBot,
+        tokens: Arc<TokenCache>,
+        cache: Arc<dyn Cache>,
+    ) -> Self {
         let token_key = format!("token:dingtalk:{}", bot.app_key);
         let api = PlatformApi::new("dingtalk", http, &bot.api_base, tokens, token_key);
-        Self { api, bot }
+        let governor = Governor::new(
+            cache,
+            "dingtalk",
+            format!("dingtalk:{}", bot.app_key),
+            bot.api_qps,
+            bot.api_monthly_budget,
+        );
+        Self { api, bot, governor }
     }
 
     async fn fetch_token(&self) -> Result<AccessToken, SendError> {
@@ -55,19 +73,42 @@ impl DingTalkMessenger {
         self.api.call("token", request, token_table).await
     }
 
-    /// POSTs to an OpenAPI path with the access token, refreshing it once if refused.
-    async fn openapi(&self, api: &str, path: &str, body: &Value) -> Result<Value, SendError> {
+    /// POSTs to an OpenAPI path; see [`Self::openapi_call`].
+    async fn openapi(
+        &self,
+        api: &'static str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, SendError> {
+        self.governor.acquire(api, Priority::First, None).await.ok();
+        self.openapi_call(reqwest::Method::POST, api, path, body)
+            .await
+    }
+
+    /// Calls an OpenAPI path with the access token, refreshing it once if refused, and
+    /// counts it against the monthly budget. The caller has taken the governor's slot.
+    pub(super) async fn openapi_call(
+        &self,
+        method: reqwest::Method,
+        api: &'static str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, SendError> {
         let url = self.api.url(path);
         let fetch = || self.fetch_token();
         let call = |token: Secret| {
             let request = self
                 .api
                 .http
-                .post(&url)
+                .request(method.clone(), &url)
                 .header("x-acs-dingtalk-access-token", token.expose())
                 .json(body);
-            self.api
-                .call(api, request, move |status, v| openapi_table(api, status, v))
+            async move {
+                self.governor.count_metered(&self.bot.id).await;
+                self.api
+                    .call(api, request, move |status, v| openapi_table(api, status, v))
+                    .await
+            }
         };
         self.api.with_token(fetch, call).await
     }
@@ -160,14 +201,25 @@ fn token_table(status: StatusCode, body: &Value) -> Verdict<AccessToken> {
     }
 }
 
-/// DingTalk's error table for the OpenAPI robot sends: a refused token is 401 or 400
-/// `InvalidAuthentication`; throttling is 403 `…Limit…`, 429, 5xx, or a success that
-/// flow-controlled the recipient.
+/// How long to wait after the platform throttled a call: peers found 1 s too short.
+pub const THROTTLE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// DingTalk's error table for OpenAPI calls: a refused token is 401 or 400
+/// `InvalidAuthentication`; throttling is 403 `…QpsLimit…`, oapi errcode 90018 or 90002,
+/// 429, 5xx, or a success that flow-controlled the recipient; the org's monthly quota
+/// (`ApiCountLimitForOrg`) is a refusal, as it lasts until the month ends.
 fn openapi_table(api: &str, status: StatusCode, body: &Value) -> Verdict<Authorized<Value>> {
     let status = status.as_u16();
     let code = body["code"].as_str().unwrap_or_default();
     if status == 401 || (status == 400 && code == "InvalidAuthentication") {
         return Verdict::token_refused();
+    }
+    if let Some(errcode @ (90018 | 90002)) = body["errcode"].as_i64() {
+        return Verdict::retry(
+            "throttled",
+            format!("{api} throttled (errcode {errcode})"),
+            Some(THROTTLE_BACKOFF),
+        );
     }
     if (200..300).contains(&status) {
         let throttled = body["flowControlledStaffIdList"]
@@ -183,8 +235,12 @@ fn openapi_table(api: &str, status: StatusCode, body: &Value) -> Verdict<Authori
         return Verdict::ok(Authorized::Ok(body.clone()));
     }
     let reason = format!("{api} failed ({status}, {code})");
-    if status == 403 && code.contains("Limit") || status >= 500 || status == 429 {
-        Verdict::retry("throttled", reason, Some(Duration::from_secs(1)))
+    if code.contains("ApiCountLimit") {
+        Verdict::new("quota_exhausted", Err(SendError::Permanent(reason)))
+    } else if status == 403 && code.contains("Limit") || status == 429 {
+        Verdict::retry("throttled", reason, Some(THROTTLE_BACKOFF))
+    } else if status >= 500 {
+        Verdict::retry("error", reason, Some(Duration::from_secs(1)))
     } else {
         Verdict::refused(reason)
     }
@@ -233,5 +289,16 @@ impl Messenger for DingTalkMessenger {
             }
         }
         self.via_openapi(target, message).await
+    }
+
+    fn live(&self, job: &Job) -> Option<&dyn LiveReply> {
+        let card = self.bot.reply_mode == ReplyMode::Card
+            && matches!(&job.reply, ReplyTarget::DingTalk(t) if t.group || t.sender_staff_id.is_some());
+        card.then_some(self as &dyn LiveReply)
+    }
+
+    fn working_notice_after(&self) -> Option<Duration> {
+        (self.bot.working_notice_secs > 0)
+            .then(|| Duration::from_secs(self.bot.working_notice_secs))
     }
 }

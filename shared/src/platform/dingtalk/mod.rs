@@ -2,5 +2,6 @@
 //! messenger that answers through the sessionWebhook or the OpenAPI robot sends.
 
 pub mod callback;
+pub mod card;
 pub mod client;
 pub mod sign;

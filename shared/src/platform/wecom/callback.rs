@@ -117,6 +117,7 @@ mod tests {
             api_base: "http://x".into(),
             markdown: false,
             welcome_text: welcome.map(String::from),
+            working_notice_secs: 0,
         }
     }
 

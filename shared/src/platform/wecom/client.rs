@@ -117,6 +117,11 @@ fn send_table(status: StatusCode, body: &Value) -> Verdict<Authorized<()>> {
 
 #[async_trait]
 impl Messenger for WecomMessenger {
+    fn working_notice_after(&self) -> Option<Duration> {
+        (self.bot.working_notice_secs > 0)
+            .then(|| Duration::from_secs(self.bot.working_notice_secs))
+    }
+
     fn limit(&self, _markdown: bool) -> Limit {
         Limit::Bytes(PART_BYTES)
     }
