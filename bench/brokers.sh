@@ -69,80 +69,6 @@ jobs_held() { # messages in the job queue(s) `$1.jobs*`, or "unknown". RabbitMQ 
 # Then the pressure-stall shares of the window (/proc/pressure: time some runnable task
 # waited for a CPU, some task waited for I/O), the cores' iowait, and whether RabbitMQ
 # rolled its quorum write-ahead log over (a burst of segment writing) during the window.
-cat >"$WORK/cpuwin.py" <<'PY'
-import glob, os, sys, time
-delay, secs = float(sys.argv[1]), float(sys.argv[2])
-procs = [a.split("=", 1) for a in sys.argv[3:]]
-hz = os.sysconf("SC_CLK_TCK")
-def cores():
-    out = {}
-    for line in open("/proc/stat"):
-        if line.startswith("cpu") and line[3].isdigit():
-            f = line.split(); v = list(map(int, f[1:]))
-            out[int(f[0][3:])] = (sum(v) - v[3] - v[4], sum(v))
-    return out
-def threads(pid):
-    out = {}
-    for path in glob.glob(f"/proc/{pid}/task/*/stat"):
-        try:
-            rest = open(path).read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[path] = (int(rest[11]) + int(rest[12]), int(rest[36]))
-    return out
-def psi(kind):
-    try:
-        for line in open(f"/proc/pressure/{kind}"):
-            if line.startswith("some"):
-                return int(line.split("total=")[1])
-    except OSError:
-        return None
-def iowait():
-    v = open("/proc/stat").readline().split()[1:]
-    return int(v[4]), sum(map(int, v))
-WAL = "/var/lib/rabbitmq/mnesia/rabbit@localhost/quorum/rabbit@localhost"
-def wal():
-    try:
-        return sorted(f for f in os.listdir(WAL) if f.endswith(".wal"))
-    except OSError:
-        return None
-time.sleep(delay)
-p0, w0, io0, wal0 = psi("cpu"), psi("io"), iowait(), wal()
-c0, last = cores(), {name: threads(pid) for name, pid in procs}
-used = {name: {} for name, _ in procs}
-end = time.time() + secs
-while time.time() < end:
-    time.sleep(0.1)
-    for name, pid in procs:
-        now = threads(pid)
-        for t, (ticks, cpu) in now.items():
-            d = ticks - last[name].get(t, (ticks, cpu))[0]
-            if d:
-                used[name][cpu] = used[name].get(cpu, 0) + d
-        last[name] = now
-c1 = cores()
-p1, w1, io1, wal1 = psi("cpu"), psi("io"), iowait(), wal()
-total = {c: c1[c][1] - c0[c][1] for c in c1}
-busy = {c: c1[c][0] - c0[c][0] for c in c1}
-ours = sum(sum(u.values()) for u in used.values())
-parts = []
-for name, _ in procs:
-    u = used[name]; s = sum(u.values())
-    where = " + ".join(f"core{c} {u[c] / hz / secs:.2f}" for c in sorted(u)) or "idle"
-    parts.append(f"{name} {s / hz / secs:.2f} ({where})")
-print("   CPU, cores busy over the window: " + ", ".join(parts)
-      + f"; others {max(0, sum(busy.values()) - ours) / hz / secs:.2f}; "
-      + ", ".join(f"core{c} {100 * busy[c] / max(total[c], 1):.0f}% busy" for c in sorted(busy)))
-stall = []
-if p0 is not None and p1 is not None:
-    stall.append(f"a task waiting for a CPU {100 * (p1 - p0) / 1e6 / secs:.0f}% of the time")
-if w0 is not None and w1 is not None:
-    stall.append(f"waiting for I/O {100 * (w1 - w0) / 1e6 / secs:.0f}%")
-stall.append(f"iowait {100 * (io1[0] - io0[0]) / max(1, io1[1] - io0[1]):.0f}%")
-if wal0 is not None and wal1 is not None and wal0 != wal1:
-    stall.append("RabbitMQ rolled its quorum WAL over during the window (segment-writing burst)")
-print("   contention: " + ", ".join(stall))
-PY
 
 # Ack and reply rows of a `parley sim load --json` run: summary.py NAME FILE.
 cat >"$WORK/summary.py" <<'PY'
@@ -215,7 +141,7 @@ for round in 1 2 3; do
   taskset -c 0 "$BARE_PUBLISH" --url "$AMQP_URL" --queue "$RUN_ID-bare-$round" --queues "$NQ" --in-flight 64 \
     --warmup-secs 2 --secs 10 >"$WORK/bare.out" 2>&1 &
   B=$!; PIDS+=("$B")
-  taskset -c 1 python3 "$WORK/cpuwin.py" 2 10 bare_publish="$B" rabbitmq="$BEAM" redis="$REDIS" >"$WORK/cpu.out"
+  taskset -c 1 python3 bench/cpuwin.py 2 10 bare_publish="$B" rabbitmq="$BEAM" redis="$REDIS" >"$WORK/cpu.out"
   wait "$B" || { cat "$WORK/bare.out" >&2; exit 1; }
   BARE_R+=("$(grep -o '[0-9]* msgs/s' "$WORK/bare.out" | awk '{print $1}')")
   echo "   round $round A: $(cat "$WORK/bare.out")"
@@ -228,7 +154,7 @@ for round in 1 2 3; do
   C0=$(cpu_s "$INGRESS"); Q0=$(cpu_s "$BEAM")
   taskset -c 0 wrk -t1 -c64 -d10s --latency -s bench/wrk_dingtalk.lua http://127.0.0.1:18080/dingtalk/bench >"$WORK/wrk.out" 2>&1 &
   W=$!
-  taskset -c 1 python3 "$WORK/cpuwin.py" 0 10 ingress="$INGRESS" rabbitmq="$BEAM" redis="$REDIS" wrk="$W" >"$WORK/cpu.out"
+  taskset -c 1 python3 bench/cpuwin.py 0 10 ingress="$INGRESS" rabbitmq="$BEAM" redis="$REDIS" wrk="$W" >"$WORK/cpu.out"
   wait "$W"
   C1=$(cpu_s "$INGRESS"); Q1=$(cpu_s "$BEAM")
   RATE=$(awk '/Requests\/sec/ {print $2}' "$WORK/wrk.out")
@@ -280,7 +206,7 @@ taskset -c 0 "$BARE_SERVER" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=("$B")
 taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench --app-secret "$SECRET" \
   --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --json >"$WORK/bare-lat.out" 2>&1 &
 L=$!
-taskset -c 1 python3 "$WORK/cpuwin.py" 0 30 bare_server="$B" rabbitmq="$BEAM" redis="$REDIS" load="$L" >"$WORK/cpu.out"
+taskset -c 1 python3 bench/cpuwin.py 0 30 bare_server="$B" rabbitmq="$BEAM" redis="$REDIS" load="$L" >"$WORK/cpu.out"
 wait "$L" || { cat "$WORK/bare-lat.out" >&2; exit 1; }
 stop "$B"
 python3 "$WORK/summary.py" "bare server" "$WORK/bare-lat.out"
@@ -288,7 +214,7 @@ cat "$WORK/cpu.out"
 taskset -c 0 "$BARE_PUBLISH" --url "$AMQP_URL" --queue "$RUN_ID-bare-open" --rate 1000 --secs 30 \
   >"$WORK/bare-open.out" 2>&1 &
 B=$!; PIDS+=("$B")
-taskset -c 1 python3 "$WORK/cpuwin.py" 0.3 30 bare_publish="$B" rabbitmq="$BEAM" redis="$REDIS" >"$WORK/cpu.out"
+taskset -c 1 python3 bench/cpuwin.py 0.3 30 bare_publish="$B" rabbitmq="$BEAM" redis="$REDIS" >"$WORK/cpu.out"
 wait "$B" || { cat "$WORK/bare-open.out" >&2; exit 1; }
 echo "   $(cat "$WORK/bare-open.out")"
 cat "$WORK/cpu.out"
@@ -306,7 +232,7 @@ L=$!
 taskset -c 1 "$BARE_PUBLISH" --url "$AMQP_URL" --queue "$RUN_ID-probe" --rate 50 --secs 30 \
   >"$WORK/probe.out" 2>&1 &
 PROBE=$!; PIDS+=("$PROBE")
-taskset -c 1 python3 "$WORK/cpuwin.py" 0 30 ingress="$INGRESS" worker="$WORKER" rabbitmq="$BEAM" redis="$REDIS" load="$L" >"$WORK/cpu.out"
+taskset -c 1 python3 bench/cpuwin.py 0 30 ingress="$INGRESS" worker="$WORKER" rabbitmq="$BEAM" redis="$REDIS" load="$L" >"$WORK/cpu.out"
 wait "$L" || { cat "$WORK/lat.out" >&2; exit 1; }
 wait "$PROBE" || { cat "$WORK/probe.out" >&2; exit 1; }
 K=$(field "$WORK/lat.out" "r['sent']/1000")
@@ -332,7 +258,7 @@ taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --ap
   --robot-code bench-app --rate 2000 --duration-secs 1 --conversations 2000 --wait-replies-secs 15 \
   --json >"$WORK/burst.out" 2>&1 &
 L=$!
-taskset -c 1 python3 "$WORK/cpuwin.py" 0 5 ingress="$INGRESS" worker1="$WORKER1" worker2="$WORKER2" rabbitmq="$BEAM" redis="$REDIS" load="$L" >"$WORK/cpu.out"
+taskset -c 1 python3 bench/cpuwin.py 0 5 ingress="$INGRESS" worker1="$WORKER1" worker2="$WORKER2" rabbitmq="$BEAM" redis="$REDIS" load="$L" >"$WORK/cpu.out"
 wait "$L" || { cat "$WORK/burst.out" >&2; exit 1; }
 echo "   peak RSS: ingress $(rss_mb "$INGRESS") MB, worker1 $(rss_mb "$WORKER1") MB, worker2 $(rss_mb "$WORKER2") MB"
 cat "$WORK/cpu.out"

@@ -339,9 +339,12 @@ fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec
                 tokens.clone(),
                 backends.cache.clone(),
             )),
-            BotSettings::Wecom(b) => {
-                Arc::new(WecomMessenger::new(http.clone(), b.clone(), tokens.clone()))
-            }
+            BotSettings::Wecom(b) => Arc::new(WecomMessenger::new(
+                http.clone(),
+                b.clone(),
+                tokens.clone(),
+                backends.cache.clone(),
+            )),
         };
         messengers.insert((bot.platform(), bot.id().to_string()), m);
     }

@@ -70,9 +70,9 @@ pub enum Command {
     Demo,
     /// Protocol fakes and the load generator.
     Sim {
-        /// Which.
+        /// Which (boxed: the load generator's many options would make every command large).
         #[command(subcommand)]
-        command: sim::SimCommand,
+        command: Box<sim::SimCommand>,
     },
     /// Validate the configuration and exit.
     CheckConfig,
@@ -151,7 +151,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Sim { command } => sim::run(command).await,
+        Command::Sim { command } => sim::run(*command).await,
     }
 }
 

@@ -373,7 +373,7 @@ pub struct DingTalkBot {
     #[serde(default = "default_card_interval")]
     pub card_update_interval_ms: u64,
     /// Calls per second to each OpenAPI endpoint of this app, across the cluster. Default 20,
-    /// the standard edition's limit.
+    /// the standard edition's limit; 0 = not paced.
     #[serde(default = "default_api_qps")]
     pub api_qps: u32,
     /// Metered OpenAPI calls per calendar month (Asia/Shanghai) across the cluster; 0
@@ -446,6 +446,15 @@ pub struct WecomBot {
     /// worked on; 0 (default) = never.
     #[serde(default)]
     pub working_notice_secs: u64,
+    /// `message/send` calls per minute for this enterprise, across the cluster. Default
+    /// 2,000. Besides it, at most 30 messages a minute go to one member (WeCom drops more
+    /// silently), so the parts of a long answer wait instead.
+    #[serde(default = "default_api_per_minute")]
+    pub api_per_minute: u32,
+}
+
+fn default_api_per_minute() -> u32 {
+    2000
 }
 
 fn default_wecom_api() -> String {

@@ -31,7 +31,10 @@ pub use dingtalk::{
     CallbackSpec, CardFault, CardUpdate, ConversationType, EndpointStats, FakeApp, FakeCard,
     FakeDingTalk, SentMessage, Via, send_callback,
 };
-pub use load::{LoadArgs, LoadReport, Percentiles, ReplyReport, run_load};
+pub use load::{
+    CallsPerCard, CardReport, EndpointReport, Expect, LoadArgs, LoadReport, Percentiles,
+    ReplyReport, run_load,
+};
 pub use notify_load::{NotifyLoadArgs, NotifyLoadReport, RobotReport, run_notify_load};
 pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
 pub use robots::{FakeRobots, Refused, RobotKind, RobotMessage, max_in_any_window};
@@ -85,7 +88,8 @@ pub enum SimCommand {
         #[arg(long = "wecom-robot", value_name = "KEY")]
         wecom_robots: Vec<String>,
     },
-    /// Send signed callbacks at a fixed rate to an ingress and measure acks and replies.
+    /// Send signed callbacks at a fixed rate to an ingress and measure acks and replies
+    /// (messages, or with `--expect cards` DingTalk AI cards and their API calls).
     Load(LoadArgs),
     /// Queue many notifications at once and measure how fast fake robots receive them.
     NotifyLoad(NotifyLoadArgs),

@@ -10,6 +10,12 @@
 //! built and how a reply is attributed to its conversation differ (`Callbacks`). WeCom
 //! bodies are encrypted and signed before the run starts, so AES and SHA-1 cost on the
 //! generator's side cannot disturb the schedule.
+//!
+//! With `--expect cards` (DingTalk bots in `reply_mode = "card"`) a question is answered by
+//! a finalized AI card in its conversation, or by a plain message there when the card could
+//! not be opened; the run reports how soon each card showed its first text, how many API
+//! calls each card took, and what every OpenAPI route of the fake saw (peak calls per
+//! second, throttled calls).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -27,7 +33,10 @@ use shared::platform::wecom::crypto::WecomCrypto;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::dingtalk::{CALLBACK_SESSION_TTL, CallbackSpec, FakeApp, FakeDingTalk, Via};
+use super::dingtalk::{
+    CALLBACK_SESSION_TTL, CallbackSpec, DEFAULT_API_QPS, EndpointStats, FakeApp, FakeCard,
+    FakeDingTalk, Via,
+};
 use super::wecom::{FakeWecom, FakeWecomApp, PER_MEMBER_PER_MINUTE, text_message};
 
 /// Tencent's sample self-built app: the defaults of the WeCom options.
@@ -46,6 +55,10 @@ const WECOM_MAX_REQUESTS: u64 = 5_000_000;
 const MESSAGE_TEXT: &str = "hello from the load generator";
 /// After the expected replies arrived, how long to keep listening for late duplicates.
 const REPLY_SETTLE: Duration = Duration::from_millis(250);
+/// How often the fake's cards are looked at while waiting for them to finish.
+const CARD_POLL: Duration = Duration::from_millis(100);
+/// The template variable Parley streams an answer into by default (`card_content_key`).
+const DEFAULT_CARD_CONTENT_KEY: &str = "msgContent";
 
 /// Which platform's callbacks `parley sim load` sends.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -67,6 +80,18 @@ impl fmt::Display for LoadPlatform {
             LoadPlatform::Wecom => "wecom",
         })
     }
+}
+
+/// What answers a question in `parley sim load`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    /// One message per question (sessionWebhook or robot send; WeCom `message/send`).
+    #[default]
+    Messages,
+    /// DingTalk AI cards: a finalized card in the question's conversation, or a plain
+    /// message there when its card could not be opened.
+    Cards,
 }
 
 /// Options of `parley sim load`.
@@ -137,6 +162,24 @@ pub struct LoadArgs {
     /// Wait up to this many seconds for one reply per accepted callback (0 = don't wait).
     #[arg(long, default_value_t = 0)]
     pub wait_replies_secs: u64,
+    /// What answers a question: `messages`, or (DingTalk) `cards` — a finalized AI card, or
+    /// a plain message for its conversation when the card could not be opened. The bot's
+    /// `api_base` must point at `--fake-listen` for cards to be seen.
+    #[arg(long, value_enum, default_value_t = Expect::Messages)]
+    pub expect: Expect,
+    /// DingTalk cards: the template variable answers stream into (the bot's
+    /// `card_content_key`). A card whose create already carries text there shows content
+    /// from its creation; otherwise from its first non-empty streaming update.
+    #[arg(long, default_value = DEFAULT_CARD_CONTENT_KEY)]
+    pub card_content_key: String,
+    /// DingTalk: send callbacks whose sessionWebhook has already expired, so that replies
+    /// must use the OpenAPI robot sends (`oToMessages/batchSend`, `groupMessages/send`).
+    #[arg(long)]
+    pub expired_sessions: bool,
+    /// DingTalk: calls per app and OpenAPI route the in-process fake admits in any sliding
+    /// one-second window; more get HTTP 403 `QpsLimitForAppkeyAndApi` (0 = unlimited).
+    #[arg(long, default_value_t = DEFAULT_API_QPS)]
+    pub api_qps: u32,
     /// Maximum concurrent in-flight requests.
     #[arg(long, default_value_t = 256)]
     pub connections: usize,
@@ -178,6 +221,10 @@ impl LoadArgs {
             group: false,
             fake_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             wait_replies_secs: 0,
+            expect: Expect::Messages,
+            card_content_key: DEFAULT_CARD_CONTENT_KEY.to_owned(),
+            expired_sessions: false,
+            api_qps: DEFAULT_API_QPS,
             connections: 256,
             json: false,
         }
@@ -231,6 +278,81 @@ pub struct ReplyReport {
     pub dropped_by_platform: u64,
     /// From a callback's intended send time to its reply's arrival (FIFO per conversation).
     pub latency_ms: Percentiles,
+    /// From the first callback's intended send time to the last reply of this run's
+    /// conversations, ms (0 when none arrived).
+    pub last_reply_ms: f64,
+}
+
+/// Card accounting (`--expect cards`), when the run waited for answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CardReport {
+    /// Accepted callbacks answered once: by a finalized card or a plain message.
+    pub answered: u64,
+    /// Accepted callbacks with neither a finalized card nor a message, summed over
+    /// conversations.
+    pub missing: u64,
+    /// Answers (cards, finished or not, and messages) beyond one per accepted callback,
+    /// summed over conversations: a conversation asked once with a card and a message, or
+    /// with two cards, has one duplicate.
+    pub duplicates: u64,
+    /// Cards created in this run's conversations.
+    pub cards: u64,
+    /// Of those, finalized (`isFinalize`).
+    pub finalized: u64,
+    /// Of the finalized, marked failed (`isError`, the friendly failure text).
+    pub errored: u64,
+    /// Cards created and never finalized.
+    pub unfinished: u64,
+    /// Messages in this run's conversations (the answers of cards that could not be opened).
+    pub as_messages: u64,
+    /// Cards and messages of none of this run's conversations.
+    pub unattributed: u64,
+    /// Cards whose create carried the first text (`cardParamMap`): their first content is
+    /// their `created_at_ms`; the others' is their first non-empty streaming update.
+    pub text_in_create: u64,
+    /// From a callback's intended send time to its card's first content (FIFO per
+    /// conversation).
+    pub first_content_ms: Percentiles,
+    /// From a callback's intended send time to its plain message's arrival.
+    pub message_latency_ms: Percentiles,
+    /// Card API calls per card: its create plus its streaming updates (admitted ones; the
+    /// throttled are in the endpoint statistics).
+    pub calls_per_card: CallsPerCard,
+    /// From a card's creation to its last streaming update.
+    pub stream_span_ms: Percentiles,
+    /// Cards whose final update carried the same text as the streaming update before it:
+    /// that update already showed the whole answer, so one of the two was redundant.
+    pub final_repeats_update: u64,
+    /// From a card's create to its first streaming update and between its later ones (the
+    /// final update excluded): at least `card_update_interval_ms` when Parley keeps to it,
+    /// longer when the governor had no slot sooner.
+    pub update_gap_ms: Percentiles,
+    /// From the first callback's intended send time to the last answer (a card's final
+    /// update or a message), ms.
+    pub last_answer_ms: f64,
+}
+
+/// The distribution of API calls over the cards of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CallsPerCard {
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// What one OpenAPI route of the in-process fake DingTalk saw from one app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointReport {
+    /// App key.
+    pub app: String,
+    /// Route path, e.g. `/v1.0/card/streaming`.
+    pub path: String,
+    /// Calls, throttled calls and the peak calls in any one-second window.
+    #[serde(flatten)]
+    pub stats: EndpointStats,
 }
 
 /// What one load run measured.
@@ -260,8 +382,13 @@ pub struct LoadReport {
     pub achieved_rate: f64,
     /// Acknowledgement latency from the intended send time.
     pub ack_latency_ms: Percentiles,
-    /// Reply accounting, if `--wait-replies-secs` > 0.
+    /// Reply accounting, if `--wait-replies-secs` > 0 with `--expect messages`.
     pub replies: Option<ReplyReport>,
+    /// Card accounting, if `--wait-replies-secs` > 0 with `--expect cards`.
+    pub cards: Option<CardReport>,
+    /// Per-route statistics of the fake DingTalk's OpenAPI over the run (after the wait for
+    /// replies); empty for WeCom.
+    pub endpoints: Vec<EndpointReport>,
 }
 
 impl fmt::Display for LoadReport {
@@ -311,6 +438,50 @@ impl fmt::Display for LoadReport {
             }
             writeln!(f, ")")?;
             write!(f, "  reply latency ms  {}", p(&r.latency_ms))?;
+            write!(
+                f,
+                "\n  last reply        {:.0} ms after the first callback",
+                r.last_reply_ms
+            )?;
+        }
+        if let Some(c) = &self.cards {
+            write!(
+                f,
+                "\n  answered          {}  (missing {}, duplicates {}, unattributed {})",
+                c.answered, c.missing, c.duplicates, c.unattributed
+            )?;
+            write!(
+                f,
+                "\n  cards             {}  (finalized {}, errored {}, unfinished {}; first text in the create: {})",
+                c.cards, c.finalized, c.errored, c.unfinished, c.text_in_create
+            )?;
+            write!(f, "\n  plain messages    {}", c.as_messages)?;
+            write!(f, "\n  first content ms  {}", p(&c.first_content_ms))?;
+            write!(f, "\n  message ms        {}", p(&c.message_latency_ms))?;
+            write!(
+                f,
+                "\n  API calls / card  mean {:.2}  p50 {}  max {}  (create + streaming updates)",
+                c.calls_per_card.mean, c.calls_per_card.p50, c.calls_per_card.max
+            )?;
+            write!(f, "\n  stream span ms    {}", p(&c.stream_span_ms))?;
+            write!(f, "\n  update gap ms     {}", p(&c.update_gap_ms))?;
+            write!(
+                f,
+                "\n  final repeats the update before it: {} cards",
+                c.final_repeats_update
+            )?;
+            write!(
+                f,
+                "\n  last answer       {:.0} ms after the first callback",
+                c.last_answer_ms
+            )?;
+        }
+        for e in &self.endpoints {
+            write!(
+                f,
+                "\n  endpoint          {} {}: calls {}, throttled {}, peak {}/s",
+                e.app, e.path, e.stats.calls, e.stats.throttled, e.stats.peak_per_second
+            )?;
         }
         Ok(())
     }
@@ -328,6 +499,11 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
     let total = (args.rate * args.duration_secs as f64).round() as u64;
     if total == 0 {
         bail!("rate × duration is less than one request");
+    }
+    if args.platform != LoadPlatform::DingTalk
+        && (args.expect == Expect::Cards || args.expired_sessions)
+    {
+        bail!("--expect cards and --expired-sessions are for --platform dingtalk");
     }
     let permits = u32::try_from(args.connections).context("--connections is too large")?;
     let mut callbacks = Callbacks::prepare(&args, total).await?;
@@ -388,24 +564,41 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
         AckStats::new()?,
     );
 
-    let replies = if args.wait_replies_secs > 0 {
+    let expected = usize::try_from(stats.ok).unwrap_or(usize::MAX);
+    let wait = Duration::from_secs(args.wait_replies_secs);
+    let (mut replies, mut cards) = (None, None);
+    if args.wait_replies_secs > 0 {
         eprintln!(
-            "waiting up to {} s for {} replies",
-            args.wait_replies_secs, stats.ok
+            "waiting up to {} s for {} {}",
+            args.wait_replies_secs,
+            stats.ok,
+            match args.expect {
+                Expect::Messages => "replies",
+                Expect::Cards => "answers (finalized cards or messages)",
+            }
         );
-        let expected = usize::try_from(stats.ok).unwrap_or(usize::MAX);
-        let arrivals = callbacks
-            .replies(expected, Duration::from_secs(args.wait_replies_secs))
-            .await;
-        Some(account_replies(
-            args.conversations,
-            &stats.accepted,
-            &arrivals,
-            start_epoch_us,
-        )?)
-    } else {
-        None
-    };
+        match (args.expect, &callbacks) {
+            (Expect::Cards, Callbacks::DingTalk(d)) => {
+                let seen = d.answers(expected, wait, &args.card_content_key).await;
+                cards = Some(account_cards(
+                    args.conversations,
+                    &stats.accepted,
+                    &seen,
+                    start_epoch_us,
+                )?);
+            }
+            _ => {
+                let arrivals = callbacks.replies(expected, wait).await;
+                replies = Some(account_replies(
+                    args.conversations,
+                    &stats.accepted,
+                    &arrivals,
+                    start_epoch_us,
+                )?);
+            }
+        }
+    }
+    let endpoints = callbacks.endpoints();
     drop(callbacks);
 
     let report = LoadReport {
@@ -422,6 +615,8 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<LoadReport> {
         achieved_rate: total as f64 / send_window.as_secs_f64().max(1e-9),
         ack_latency_ms: Percentiles::from_histogram(&stats.latency),
         replies,
+        cards,
+        endpoints,
     };
     println!("{report}");
     if args.json {
@@ -475,6 +670,19 @@ impl Callbacks {
         match self {
             Self::DingTalk(d) => d.fake.base_url(),
             Self::Wecom(w) => w.fake.base_url(),
+        }
+    }
+
+    /// What the fake DingTalk's OpenAPI routes saw so far (none for WeCom).
+    fn endpoints(&self) -> Vec<EndpointReport> {
+        match self {
+            Self::DingTalk(d) => d
+                .fake
+                .endpoint_stats()
+                .into_iter()
+                .map(|((app, path), stats)| EndpointReport { app, path, stats })
+                .collect(),
+            Self::Wecom(_) => Vec::new(),
         }
     }
 
@@ -535,6 +743,7 @@ impl DingTalkCallbacks {
         )
         .await
         .with_context(|| format!("starting the fake DingTalk on {}", args.fake_listen))?;
+        fake.set_api_qps(args.api_qps);
         let mut callbacks = Self {
             fake,
             conversations: Vec::with_capacity(args.conversations),
@@ -573,6 +782,47 @@ impl DingTalkCallbacks {
             .body(body)
     }
 
+    /// Waits up to `timeout` until `expected` questions are answered — cards finalized plus
+    /// messages, whoever they belong to — then [`REPLY_SETTLE`] longer for late duplicates,
+    /// and attributes the cards and messages to this run's conversations.
+    async fn answers(&self, expected: usize, timeout: Duration, content_key: &str) -> CardsSeen {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let messages = self.fake.sent().len();
+            let finalized = self.fake.cards().iter().filter(|c| c.finalized).count();
+            if messages + finalized >= expected || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(CARD_POLL).await;
+        }
+        tokio::time::sleep(REPLY_SETTLE).await;
+        let messages = self.attribute(&self.fake.sent());
+        let by_conversation = index_by(self.conversations.iter().map(|c| c.id.as_str()));
+        let by_user = index_by(self.conversations.iter().map(|c| c.user.as_str()));
+        let mut update_gaps_ms = Vec::new();
+        let cards = self
+            .fake
+            .cards()
+            .iter()
+            .map(|card| {
+                let conv = card_space(card).and_then(|(kind, id)| match kind {
+                    "IM_GROUP" => by_conversation.get(id).copied(),
+                    "IM_ROBOT" => by_user.get(id).copied(),
+                    _ => None,
+                });
+                if conv.is_some() {
+                    update_gaps_ms.extend(update_gaps(card));
+                }
+                (conv, CardSeen::of(card, content_key))
+            })
+            .collect();
+        CardsSeen {
+            cards,
+            messages,
+            update_gaps_ms,
+        }
+    }
+
     /// Replies by sessionWebhook or group send belong to their conversation, one-to-one
     /// sends to their user's.
     fn attribute(&self, recorded: &[super::SentMessage]) -> Vec<(Option<usize>, i64)> {
@@ -592,6 +842,82 @@ impl DingTalkCallbacks {
             })
             .collect()
     }
+}
+
+/// The (type, id) of the first space a card was delivered into: `("IM_GROUP", cid)` or
+/// `("IM_ROBOT", staffId)`.
+fn card_space(card: &FakeCard) -> Option<(&str, &str)> {
+    card.space_ids
+        .first()?
+        .strip_prefix("dtv1.card//")?
+        .split_once('.')
+}
+
+/// The time from a card's create to its first streaming update and between its later
+/// ones, the final update excluded (it goes out when the answer is complete, unpaced), ms.
+fn update_gaps(card: &FakeCard) -> impl Iterator<Item = i64> + '_ {
+    let times = std::iter::once(card.created_at_ms).chain(
+        card.updates
+            .iter()
+            .filter(|u| !u.is_finalize)
+            .map(|u| u.at_ms),
+    );
+    times.clone().zip(times.skip(1)).map(|(a, b)| b - a)
+}
+
+/// What the fake saw of one card, in ms since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CardSeen {
+    created_ms: i64,
+    /// Its first visible text: the create if that carried text, else the first non-empty
+    /// streaming update (None: never any text).
+    first_content_ms: Option<i64>,
+    text_in_create: bool,
+    finalized: bool,
+    errored: bool,
+    /// The create plus its streaming updates.
+    calls: u64,
+    /// Its last streaming update (its creation if none).
+    last_update_ms: i64,
+    /// Its final update carried the same text as the streaming update just before it.
+    final_repeats_update: bool,
+}
+
+impl CardSeen {
+    fn of(card: &FakeCard, content_key: &str) -> Self {
+        let text_in_create = card
+            .params
+            .get(content_key)
+            .is_some_and(|text| !text.is_empty());
+        Self {
+            created_ms: card.created_at_ms,
+            first_content_ms: if text_in_create {
+                Some(card.created_at_ms)
+            } else {
+                card.first_content_at_ms
+            },
+            text_in_create,
+            finalized: card.finalized,
+            errored: card.errored,
+            calls: 1 + card.updates.len() as u64,
+            last_update_ms: card.updates.last().map_or(card.created_at_ms, |u| u.at_ms),
+            final_repeats_update: match card.updates.as_slice() {
+                [.., before, last] => {
+                    last.is_finalize && !before.is_finalize && before.content == last.content
+                }
+                _ => false,
+            },
+        }
+    }
+}
+
+/// The cards and messages of a card run, each with the conversation it belongs to (None:
+/// not this run's).
+struct CardsSeen {
+    cards: Vec<(Option<usize>, CardSeen)>,
+    messages: Vec<(Option<usize>, i64)>,
+    /// [`update_gaps`] of this run's cards.
+    update_gaps_ms: Vec<i64>,
 }
 
 /// WeCom: every request of the run, encrypted and signed before the clock starts.
@@ -766,8 +1092,14 @@ impl Conversation {
         };
         spec.msg_id = MSG_ID_MARK.to_owned();
         let mut body = fake.callback_body(&spec);
-        // One long-lived session per conversation instead of one per callback.
-        let (webhook, expires) = fake.session_webhook(&spec.conversation_id, session_ttl);
+        // One long-lived session per conversation instead of one per callback; or, with
+        // --expired-sessions, one already expired (its webhook answers errcode 300001).
+        let ttl = if args.expired_sessions {
+            Duration::ZERO
+        } else {
+            session_ttl
+        };
+        let (webhook, expires) = fake.session_webhook(&spec.conversation_id, ttl);
         body["sessionWebhook"] = json!(webhook);
         body["sessionWebhookExpiredTime"] = json!(expires);
         body["createAt"] = json!(CREATE_AT_MARK);
@@ -951,6 +1283,8 @@ fn account_replies(
             None => report.unattributed += 1,
         }
     }
+    let last = received.iter().flatten().max().copied();
+    report.last_reply_ms = last.map_or(0.0, |ms| since_start_ms(ms, start_epoch_us));
     let mut latency = latency_histogram()?;
     for (sent, arrived) in sends.iter_mut().zip(received.iter_mut()) {
         sent.sort_unstable();
@@ -967,6 +1301,133 @@ fn account_replies(
     }
     report.latency_ms = Percentiles::from_histogram(&latency);
     Ok(report)
+}
+
+/// One answer of a card run: a card, or a plain message (arrival, ms since the epoch).
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Card(CardSeen),
+    Message(i64),
+}
+
+impl Answer {
+    /// When it began: a card's creation, a message's arrival.
+    fn began_ms(&self) -> i64 {
+        match self {
+            Answer::Card(c) => c.created_ms,
+            Answer::Message(ms) => *ms,
+        }
+    }
+}
+
+/// Matches cards and messages to accepted callbacks per conversation, in order (a
+/// conversation's answers by when they began), and times them.
+fn account_cards(
+    conversations: usize,
+    accepted: &[(usize, u64)],
+    seen: &CardsSeen,
+    start_epoch_us: i64,
+) -> anyhow::Result<CardReport> {
+    let mut sends: Vec<Vec<u64>> = vec![Vec::new(); conversations];
+    for &(conv, sent_us) in accepted {
+        if let Some(list) = sends.get_mut(conv) {
+            list.push(sent_us);
+        }
+    }
+    let mut report = CardReport::default();
+    let mut answers: Vec<Vec<Answer>> = vec![Vec::new(); conversations];
+    let mut calls = Vec::new();
+    let mut span = latency_histogram()?;
+    let mut last_ms = None::<i64>;
+    for &(conv, card) in &seen.cards {
+        let Some(list) = conv.and_then(|i| answers.get_mut(i)) else {
+            report.unattributed += 1;
+            continue;
+        };
+        list.push(Answer::Card(card));
+        report.cards += 1;
+        report.text_in_create += u64::from(card.text_in_create);
+        if card.finalized {
+            report.finalized += 1;
+            report.errored += u64::from(card.errored);
+            last_ms = last_ms.max(Some(card.last_update_ms));
+        } else {
+            report.unfinished += 1;
+        }
+        calls.push(card.calls);
+        report.final_repeats_update += u64::from(card.final_repeats_update);
+        let span_us = (card.last_update_ms - card.created_ms).saturating_mul(1000);
+        span.saturating_record(u64::try_from(span_us).unwrap_or(0).max(1));
+    }
+    for &(conv, arrived_ms) in &seen.messages {
+        let Some(list) = conv.and_then(|i| answers.get_mut(i)) else {
+            report.unattributed += 1;
+            continue;
+        };
+        list.push(Answer::Message(arrived_ms));
+        report.as_messages += 1;
+        last_ms = last_ms.max(Some(arrived_ms));
+    }
+    let (mut first_content, mut message) = (latency_histogram()?, latency_histogram()?);
+    let since_sent = |sent_us: u64, at_ms: i64| {
+        let us = at_ms
+            .saturating_mul(1000)
+            .saturating_sub(start_epoch_us.saturating_add_unsigned(sent_us));
+        u64::try_from(us).unwrap_or(0).max(1)
+    };
+    for (sent, got) in sends.iter_mut().zip(answers.iter_mut()) {
+        sent.sort_unstable();
+        got.sort_by_key(Answer::began_ms);
+        let done = got
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Answer::Message(_)
+                        | Answer::Card(CardSeen {
+                            finalized: true,
+                            ..
+                        })
+                )
+            })
+            .count();
+        report.answered += done.min(sent.len()) as u64;
+        report.missing += sent.len().saturating_sub(done) as u64;
+        report.duplicates += got.len().saturating_sub(sent.len()) as u64;
+        for (&sent_us, answer) in sent.iter().zip(got.iter()) {
+            match answer {
+                Answer::Card(card) => {
+                    if let Some(at) = card.first_content_ms {
+                        first_content.saturating_record(since_sent(sent_us, at));
+                    }
+                }
+                Answer::Message(at) => message.saturating_record(since_sent(sent_us, *at)),
+            }
+        }
+    }
+    report.first_content_ms = Percentiles::from_histogram(&first_content);
+    report.message_latency_ms = Percentiles::from_histogram(&message);
+    report.stream_span_ms = Percentiles::from_histogram(&span);
+    let mut gaps = latency_histogram()?;
+    for &gap in &seen.update_gaps_ms {
+        gaps.saturating_record(u64::try_from(gap.saturating_mul(1000)).unwrap_or(0).max(1));
+    }
+    report.update_gap_ms = Percentiles::from_histogram(&gaps);
+    calls.sort_unstable();
+    if !calls.is_empty() {
+        report.calls_per_card = CallsPerCard {
+            mean: calls.iter().sum::<u64>() as f64 / calls.len() as f64,
+            p50: calls[(calls.len() - 1) / 2],
+            max: calls[calls.len() - 1],
+        };
+    }
+    report.last_answer_ms = last_ms.map_or(0.0, |ms| since_start_ms(ms, start_epoch_us));
+    Ok(report)
+}
+
+/// `at_ms` (ms since the epoch) as ms after the run's start.
+fn since_start_ms(at_ms: i64, start_epoch_us: i64) -> f64 {
+    (at_ms as f64 * 1000.0 - start_epoch_us as f64) / 1000.0
 }
 
 /// Microsecond histogram from 1 µs to 1 h with 3 significant digits.
@@ -1071,8 +1532,10 @@ mod tests {
         let expected = ReplyReport {
             replies: 200,
             latency_ms: replies.latency_ms,
+            last_reply_ms: replies.last_reply_ms,
             ..ReplyReport::default()
         };
+        assert!(replies.last_reply_ms >= replies.latency_ms.max, "{report}");
         assert_eq!(replies, &expected);
         report
     }
@@ -1096,16 +1559,17 @@ mod tests {
             markdown: false,
             welcome_text: None,
             working_notice_secs: 0,
+            api_per_minute: 2000,
         };
         let crypto =
             WecomCrypto::new(SAMPLE_WECOM_TOKEN, SAMPLE_ENCODING_AES_KEY, SAMPLE_CORP_ID).unwrap();
-        let tokens = Arc::new(shared::platform::token::TokenCache::new(Arc::new(
-            shared::cache::MemoryCache::new(),
-        )));
+        let cache: Arc<dyn shared::cache::Cache> = Arc::new(shared::cache::MemoryCache::new());
+        let tokens = Arc::new(shared::platform::token::TokenCache::new(cache.clone()));
         let messenger = Arc::new(shared::platform::wecom::client::WecomMessenger::new(
             reqwest::Client::new(),
             bot.clone(),
             tokens,
+            cache,
         ));
         Router::new().route(
             "/wecom/{bot}",
@@ -1238,6 +1702,216 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.load.platform, LoadPlatform::DingTalk);
+    }
+
+    /// A tiny card-mode ingress stand-in: every fourth question is answered by a message on
+    /// its sessionWebhook, the others by an AI card on the fake at `api_base` — created with
+    /// the first text, one streaming update, then the final one.
+    fn card_stand_in(api_base: String) -> Router {
+        let client = reqwest::Client::new();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        Router::new().route(
+            "/dingtalk/{bot}",
+            post(move |body: axum::body::Bytes| {
+                let (client, api_base) = (client.clone(), api_base.clone());
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async move {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    tokio::spawn(async move {
+                        if n % 4 == 3 {
+                            let webhook = v["sessionWebhook"].as_str().unwrap();
+                            let text = json!({ "msgtype": "text", "text": { "content": "a" } });
+                            client.post(webhook).json(&text).send().await.unwrap();
+                            return;
+                        }
+                        let token: serde_json::Value = client
+                            .post(format!("{api_base}/v1.0/oauth2/accessToken"))
+                            .json(&json!({ "appKey": "demo-app", "appSecret": "s3cret" }))
+                            .send()
+                            .await
+                            .unwrap()
+                            .json()
+                            .await
+                            .unwrap();
+                        let token = token["accessToken"].as_str().unwrap().to_owned();
+                        let staff = v["senderStaffId"].as_str().unwrap();
+                        let track = v["msgId"].as_str().unwrap();
+                        let call =
+                            |method: reqwest::Method, path: &str, body: serde_json::Value| {
+                                client
+                                    .request(method, format!("{api_base}{path}"))
+                                    .header("x-acs-dingtalk-access-token", &token)
+                                    .json(&body)
+                                    .send()
+                            };
+                        let created = call(
+                            reqwest::Method::POST,
+                            "/v1.0/card/instances/createAndDeliver",
+                            json!({
+                                "cardTemplateId": "t.schema", "outTrackId": track,
+                                "cardData": { "cardParamMap": { "msgContent": "Ec" } },
+                                "openSpaceId": format!("dtv1.card//IM_ROBOT.{staff}"),
+                                "imRobotOpenDeliverModel": { "spaceType": "IM_ROBOT" },
+                            }),
+                        )
+                        .await
+                        .unwrap();
+                        assert_eq!(created.status(), 200);
+                        for (text, last) in [("Echo", false), ("Echo!", true)] {
+                            let body = json!({
+                                "outTrackId": track, "guid": text, "key": "msgContent",
+                                "content": text, "isFull": true, "isFinalize": last,
+                            });
+                            let r = call(reqwest::Method::PUT, "/v1.0/card/streaming", body);
+                            assert_eq!(r.await.unwrap().status(), 200);
+                        }
+                    });
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn card_run_counts_cards_fallback_messages_and_api_calls() {
+        let fake_listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let addr = serve(card_stand_in(format!("http://{fake_listen}"))).await;
+        let mut args = LoadArgs::new(format!("http://{addr}/dingtalk/bot1"), "s3cret");
+        args.expect = Expect::Cards;
+        args.fake_listen = fake_listen;
+        args.api_qps = 0;
+        args.rate = 20.0;
+        args.duration_secs = 1;
+        args.conversations = 20;
+        args.wait_replies_secs = 10;
+        let report = run_load(args).await.unwrap();
+        assert_eq!(report.ok_2xx, 20, "{report}");
+        assert!(report.replies.is_none());
+        let cards = report.cards.as_ref().unwrap();
+        assert_eq!(
+            (
+                cards.answered,
+                cards.missing,
+                cards.duplicates,
+                cards.unattributed
+            ),
+            (20, 0, 0, 0),
+            "{report}"
+        );
+        assert_eq!(
+            (cards.cards, cards.finalized, cards.as_messages),
+            (15, 15, 5)
+        );
+        assert_eq!(
+            (cards.text_in_create, cards.unfinished, cards.errored),
+            (15, 0, 0)
+        );
+        assert_eq!((cards.calls_per_card.max, cards.calls_per_card.p50), (3, 3));
+        assert!(cards.first_content_ms.max > 0.0 && cards.message_latency_ms.max > 0.0);
+        assert_eq!(cards.final_repeats_update, 0, "the final adds a character");
+        assert!(
+            cards.last_answer_ms >= cards.first_content_ms.max,
+            "{report}"
+        );
+        let calls = |path: &str| {
+            report
+                .endpoints
+                .iter()
+                .find(|e| e.path == path)
+                .map(|e| (e.stats.calls, e.stats.throttled))
+        };
+        assert_eq!(
+            calls("/v1.0/card/instances/createAndDeliver"),
+            Some((15, 0))
+        );
+        assert_eq!(calls("/v1.0/card/streaming"), Some((30, 0)));
+        let shown = report.to_string();
+        assert!(shown.contains("plain messages    5"), "{shown}");
+    }
+
+    #[test]
+    fn card_accounting_counts_duplicates_missing_and_strangers() {
+        let card = |created_ms, finalized, updates: u64| CardSeen {
+            created_ms,
+            first_content_ms: Some(created_ms),
+            text_in_create: true,
+            finalized,
+            errored: false,
+            calls: 1 + updates,
+            last_update_ms: created_ms + 100 * updates as i64,
+            final_repeats_update: false,
+        };
+        // The run started 1,000 ms after the epoch.
+        let start_us = 1_000_000_i64;
+        let seen = CardsSeen {
+            cards: vec![
+                (Some(0), card(2_000, true, 3)),
+                // Conversation 1: a card that never finished, then its answer as a message.
+                (Some(1), card(2_500, false, 1)),
+                (None, card(2_600, true, 1)),
+            ],
+            messages: vec![(Some(1), 4_000), (None, 4_100)],
+            update_gaps_ms: vec![500, 700],
+        };
+        // One question in each of three conversations, sent at the start.
+        let accepted = [(0, 0), (1, 0), (2, 0)];
+        let r = account_cards(3, &accepted, &seen, start_us).unwrap();
+        assert_eq!(
+            (r.answered, r.missing, r.duplicates, r.unattributed),
+            (2, 1, 1, 2)
+        );
+        assert_eq!(
+            (r.cards, r.finalized, r.unfinished, r.as_messages),
+            (2, 1, 1, 1)
+        );
+        assert_eq!(r.calls_per_card.max, 4);
+        assert!((r.update_gap_ms.max - 700.0).abs() < 1.0, "{r:?}");
+        assert!((r.calls_per_card.mean - 3.0).abs() < 1e-9);
+        // A question is timed by its conversation's first answer: conversation 0's card at
+        // 1,000 ms, conversation 1's unfinished card at 1,500 ms (shown before the message,
+        // which is the duplicate); the last answer is that message, at 3,000 ms.
+        assert!((r.first_content_ms.p50 - 1000.0).abs() < 1.0, "{r:?}");
+        assert!((r.first_content_ms.max - 1500.0).abs() < 1.0, "{r:?}");
+        assert_eq!(r.message_latency_ms, Percentiles::default());
+        assert!((r.last_answer_ms - 3000.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn expired_sessions_make_the_webhook_refuse() {
+        let fake = FakeDingTalk::start(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![FakeApp::new("demo-app", "s")],
+        )
+        .await
+        .unwrap();
+        let mut args = LoadArgs::new("http://127.0.0.1:9/dingtalk/b", "s");
+        args.expired_sessions = true;
+        let conversation = Conversation::new(&fake, &args, 0, CALLBACK_SESSION_TTL).unwrap();
+        let body = conversation.template.render("msgX", shared::now_ms());
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["sessionWebhookExpiredTime"].as_i64().unwrap() <= shared::now_ms());
+        let answer: serde_json::Value = reqwest::Client::new()
+            .post(v["sessionWebhook"].as_str().unwrap())
+            .json(&json!({ "msgtype": "text", "text": { "content": "late" } }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["errcode"], 300_001);
+        fake.shutdown();
+    }
+
+    #[tokio::test]
+    async fn cards_are_for_dingtalk_only() {
+        let mut args = LoadArgs::wecom("http://127.0.0.1:9/wecom/b");
+        args.expect = Expect::Cards;
+        let e = run_load(args).await.unwrap_err();
+        assert!(e.to_string().contains("--expect cards"), "{e}");
     }
 
     #[test]

@@ -182,6 +182,12 @@ async fn eight_cold_workers_fetch_the_token_once_for_200_messages() {
         app.dingtalk.token_fetches()
     );
     assert_eq!(app.dingtalk.token_fetches(), 1);
+    // Nine processes sent 200 group sends through one app's 20 QPS: paced together through
+    // Redis, none was throttled.
+    for (endpoint, stats) in app.dingtalk.endpoint_stats() {
+        assert_eq!(stats.throttled, 0, "{endpoint:?} {stats:?}");
+        assert!(stats.peak_per_second <= 20, "{endpoint:?} {stats:?}");
+    }
     for w in workers {
         w.stop().await;
     }

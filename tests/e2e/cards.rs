@@ -160,6 +160,11 @@ async fn reasoning_never_reaches_the_card(backend: Backend) {
 
 async fn many_cards_share_the_endpoints_without_throttling(backend: Backend) {
     let app = card_app(backend, "").await;
+    // Two workers share the limit through Redis on the brokers backend.
+    let _second = match backend {
+        Backend::Brokers => Some(app.extra_worker().await),
+        Backend::Embedded => None,
+    };
     let n = 60;
     let specs: Vec<_> = (0..n)
         .map(|i| {
@@ -208,7 +213,90 @@ async fn many_cards_share_the_endpoints_without_throttling(backend: Backend) {
     }
 }
 
+async fn platform_throttling_anyway_is_backed_off_and_each_question_answered_once(
+    backend: Backend,
+) {
+    let app = card_app(backend, "").await;
+    // The platform allows less than Parley was told: it throttles, Parley backs off.
+    app.dingtalk.set_api_qps(2);
+    let n = 8;
+    let specs: Vec<_> = (0..n)
+        .map(|i| {
+            app.spec(
+                &format!("thr-{i}"),
+                &format!("cid-thr-{i}"),
+                ConversationType::OneToOne,
+                &format!("throttle me {i}"),
+            )
+        })
+        .collect();
+    for s in &specs {
+        let mut body = app.body(s);
+        expire_session(&mut body);
+        assert_eq!(app.send_body(&body).await.status(), 200);
+    }
+    let done = || {
+        let finished = app.dingtalk.cards().iter().filter(|c| c.finalized).count();
+        finished + app.dingtalk.sent().len()
+    };
+    let deadline = tokio::time::Instant::now() + 6 * WAIT;
+    while done() < n && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        done(),
+        n,
+        "cards {:?} sent {:?}",
+        app.dingtalk.cards(),
+        app.dingtalk.sent()
+    );
+    let throttled: u64 = app
+        .dingtalk
+        .endpoint_stats()
+        .values()
+        .map(|s| s.throttled)
+        .sum();
+    assert!(throttled > 0, "the fake did throttle");
+    // One answer per question: a finished card or one message, never both, never two.
+    let mut answers = std::collections::HashMap::new();
+    for c in app.dingtalk.cards().iter().filter(|c| c.finalized) {
+        let text = c.content["msgContent"].clone();
+        *answers.entry(text).or_insert(0) += 1;
+    }
+    for m in app.dingtalk.sent() {
+        *answers.entry(m.content.clone()).or_insert(0) += 1;
+    }
+    for i in 0..n {
+        let want = format!("Echo: throttle me {i} (turn 1)");
+        assert_eq!(answers.get(&want), Some(&1), "{want}: {answers:?}");
+    }
+}
+
+async fn a_slow_message_answer_sends_one_working_notice(backend: Backend) {
+    let app = TestApp::spawn_opts(Options {
+        backend,
+        dingtalk: "working_notice_secs = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    app.llm.set_latency(Duration::from_millis(1800));
+    assert_eq!(
+        app.send(&app.group("w1", "take your time")).await.status(),
+        200
+    );
+    let replies = app.replies(2).await;
+    assert!(replies[0].content.contains("Working on it"), "{replies:?}");
+    assert_eq!(replies[1].content, "Echo: take your time (turn 1)");
+    app.llm.set_latency(Duration::ZERO);
+    assert_eq!(app.send(&app.group("w2", "quick")).await.status(), 200);
+    app.replies(3).await;
+    app.assert_settled_at(3).await;
+}
+
 on_both_backends!(
+    platform_throttling_anyway_is_backed_off_and_each_question_answered_once,
+    a_slow_message_answer_sends_one_working_notice,
     group_card_streams_and_finishes_with_the_whole_answer,
     one_to_one_card_goes_to_the_robot_chat,
     card_api_refusing_means_one_plain_message,

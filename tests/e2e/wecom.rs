@@ -83,6 +83,24 @@ async fn wecom_long_answer_is_split_at_2048_bytes_without_loss(backend: Backend)
     assert_eq!(squeeze(&joined), squeeze(&long));
 }
 
+/// WeCom drops what one app sends one member beyond 30 a minute, silently: the parts of a
+/// very long answer wait for the next minute instead (about 61 s of waiting, so this runs
+/// once, on the shared limit in Redis).
+#[tokio::test]
+async fn wecom_answer_longer_than_30_parts_waits_instead_of_being_dropped() {
+    let app = TestApp::spawn(Backend::Brokers).await;
+    let paragraph = "企业微信的消息有长度限制。".repeat(50);
+    assert!(paragraph.len() < 2048 && paragraph.len() > 1024);
+    let long = vec![paragraph; 34].join("\n\n");
+    app.llm.push_answer(long);
+    app.send_wecom(&text("7400", "越长越好")).await;
+    let first = app.wecom.wait_for(34, Duration::from_secs(5)).await;
+    assert_eq!(first.len(), 30, "30 in the first minute");
+    let all = app.wecom.wait_for(34, Duration::from_secs(75)).await;
+    assert_eq!(all.len(), 34);
+    assert_eq!(app.wecom.dropped(), 0);
+}
+
 async fn wecom_token_is_cached_and_refreshed_once_when_revoked(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     for i in 0..5 {

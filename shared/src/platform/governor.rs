@@ -1,10 +1,11 @@
 //! One governor per app for every call to its platform's API, shared by all worker
 //! processes through the cache. DingTalk counts calls per app and endpoint (20 QPS on the
-//! standard edition, `403 …QpsLimitForAppkeyAndApi` beyond) and per org per month; how the
-//! per-second limit is counted is not documented, so the governor never lets more than
-//! `api_qps` calls to one endpoint start in any sliding window slightly longer than a
-//! second — safe whether the platform counts fixed one-second buckets or a sliding window
-//! (a token bucket with a burst of N is not: it allows 2N in one second).
+//! standard edition, `403 …QpsLimitForAppkeyAndApi` beyond) and per org per month; WeCom
+//! per enterprise per minute, and drops silently what one app sends one member beyond 30 a
+//! minute. How the limits are counted is not documented, so the governor never lets more
+//! than N calls start in any sliding window slightly longer than the platform's — safe
+//! whether the platform counts fixed buckets or a sliding window (a token bucket with a
+//! burst of N is not: it allows 2N in one window).
 //!
 //! Calls come in two priorities. [`Priority::First`] (card creates, final updates, plain
 //! sends) may use every slot; [`Priority::Later`] (intermediate card updates) only three in
@@ -20,9 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The window a call's slot is held: one second plus a margin for the time between taking
-/// the slot and the call reaching the platform, which varies from call to call.
-pub const SLOT_WINDOW: Duration = Duration::from_millis(1200);
+/// DingTalk's window as the governor holds it: one second plus a margin for the time
+/// between taking a slot and the call reaching the platform, which varies from call to call.
+pub const SECOND: Duration = Duration::from_millis(1200);
+/// WeCom's window as the governor holds it: a minute plus the same kind of margin.
+pub const MINUTE: Duration = Duration::from_secs(61);
 
 /// How soon a call is needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,7 +49,8 @@ pub struct Governor {
     platform: &'static str,
     /// The app's key in the cache, e.g. `dingtalk:{app_key}`.
     app: String,
-    per_second: u32,
+    per_window: u32,
+    window: Duration,
     monthly_budget: u64,
     queues: Mutex<HashMap<(String, Priority), Turns>>,
 }
@@ -58,20 +62,21 @@ impl fmt::Debug for Governor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Governor")
             .field("app", &self.app)
-            .field("per_second", &self.per_second)
+            .field("per_window", &self.per_window)
+            .field("window", &self.window)
             .field("monthly_budget", &self.monthly_budget)
             .finish_non_exhaustive()
     }
 }
 
 impl Governor {
-    /// A governor for `app` allowing `per_second` calls per endpoint (0 = unpaced) and
-    /// `monthly_budget` metered calls a month (0 = unlimited).
+    /// A governor for `app` allowing `per_window` calls per endpoint in any `window` (0 =
+    /// unpaced) and `monthly_budget` metered calls a month (0 = unlimited).
     pub fn new(
         cache: Arc<dyn Cache>,
         platform: &'static str,
         app: String,
-        per_second: u32,
+        (per_window, window): (u32, Duration),
         monthly_budget: u64,
     ) -> Self {
         Self {
@@ -79,22 +84,58 @@ impl Governor {
             local: MemoryCache::new(),
             platform,
             app,
-            per_second,
+            per_window,
+            window,
             monthly_budget,
             queues: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Calls per second one endpoint allows.
-    pub fn per_second(&self) -> u32 {
-        self.per_second
-    }
-
     /// Slots of a window a priority may use.
     fn limit(&self, priority: Priority) -> u32 {
         match priority {
-            Priority::First => self.per_second,
-            Priority::Later => (self.per_second * 3 / 4).max(1),
+            Priority::First => self.per_window,
+            Priority::Later => (self.per_window * 3 / 4).max(1),
+        }
+    }
+
+    /// Waits for one of `limit` slots in any `window` for calls to one recipient, `scope`
+    /// (WeCom's 30 messages a minute to one member), besides the endpoint's own limit.
+    pub async fn acquire_for(&self, scope: &str, limit: u32, window: Duration) {
+        let key = format!("api-rate:{}:to:{scope}", self.app);
+        let started = Instant::now();
+        self.take(&key, limit, window).await;
+        self.observe_wait("recipient", started);
+    }
+
+    /// Takes a slot of the window at `key`, waiting as long as it takes; falls back to this
+    /// process's own count while the shared cache is unavailable.
+    async fn take(&self, key: &str, limit: u32, window: Duration) {
+        loop {
+            let taken = match self.cache.take_slot(key, limit, window).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared API limit unavailable; pacing this process alone");
+                    self.local
+                        .take_slot(key, limit, window)
+                        .await
+                        .unwrap_or(None)
+                }
+            };
+            match taken {
+                None => return,
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    fn observe_wait(&self, api: &str, started: Instant) {
+        let waited = started.elapsed();
+        if waited >= Duration::from_millis(5) {
+            crate::metrics::get()
+                .throttle_wait
+                .with_label_values(&[self.platform, api])
+                .observe(waited.as_secs_f64());
         }
     }
 
@@ -106,7 +147,7 @@ impl Governor {
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<(), NoSlot> {
-        if self.per_second == 0 {
+        if self.per_window == 0 {
             return Ok(());
         }
         let started = Instant::now();
@@ -120,23 +161,7 @@ impl Governor {
         let wait = async {
             let _turn = queue.lock().await;
             let key = format!("api-rate:{}:{endpoint}", self.app);
-            let limit = self.limit(priority);
-            loop {
-                let taken = match self.cache.take_slot(&key, limit, SLOT_WINDOW).await {
-                    Ok(w) => w,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "shared API limit unavailable; pacing this process alone");
-                        self.local
-                            .take_slot(&key, limit, SLOT_WINDOW)
-                            .await
-                            .unwrap_or(None)
-                    }
-                };
-                match taken {
-                    None => return,
-                    Some(wait) => tokio::time::sleep(wait).await,
-                }
-            }
+            self.take(&key, self.limit(priority), self.window).await;
         };
         let result = match deadline {
             None => {
@@ -145,13 +170,7 @@ impl Governor {
             }
             Some(d) => tokio::time::timeout_at(d, wait).await.map_err(|_| NoSlot),
         };
-        let waited = started.elapsed();
-        if waited >= Duration::from_millis(5) {
-            crate::metrics::get()
-                .throttle_wait
-                .with_label_values(&[self.platform, endpoint])
-                .observe(waited.as_secs_f64());
-        }
+        self.observe_wait(endpoint, started);
         result
     }
 
@@ -235,7 +254,13 @@ mod tests {
     #[tokio::test]
     async fn no_window_holds_more_than_the_limit_and_later_calls_leave_room() {
         let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
-        let g = Arc::new(Governor::new(cache, "dingtalk", "app".into(), 4, 0));
+        let g = Arc::new(Governor::new(
+            cache,
+            "dingtalk",
+            "app".into(),
+            (4, SECOND),
+            0,
+        ));
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..8 {
@@ -251,9 +276,15 @@ mod tests {
         }
         at.sort();
         assert!(at[3] < Duration::from_millis(100), "{at:?}");
-        assert!(at[4] >= SLOT_WINDOW - Duration::from_millis(5), "{at:?}");
+        assert!(at[4] >= SECOND - Duration::from_millis(5), "{at:?}");
         // Later calls use three slots in four; a First call still gets the fourth.
-        let g = Governor::new(Arc::new(MemoryCache::new()), "dingtalk", "b".into(), 4, 0);
+        let g = Governor::new(
+            Arc::new(MemoryCache::new()),
+            "dingtalk",
+            "b".into(),
+            (4, SECOND),
+            0,
+        );
         for _ in 0..3 {
             g.acquire("e", Priority::Later, None).await.unwrap();
         }
@@ -265,12 +296,24 @@ mod tests {
 
     #[tokio::test]
     async fn the_monthly_budget_counts_down() {
-        let g = Governor::new(Arc::new(MemoryCache::new()), "dingtalk", "a".into(), 20, 3);
+        let g = Governor::new(
+            Arc::new(MemoryCache::new()),
+            "dingtalk",
+            "a".into(),
+            (20, SECOND),
+            3,
+        );
         assert_eq!(g.budget_left("bot").await, Some(3));
         g.count_metered("bot").await;
         g.count_metered("bot").await;
         assert_eq!(g.budget_left("bot").await, Some(1));
-        let unlimited = Governor::new(Arc::new(MemoryCache::new()), "dingtalk", "a".into(), 20, 0);
+        let unlimited = Governor::new(
+            Arc::new(MemoryCache::new()),
+            "dingtalk",
+            "a".into(),
+            (20, SECOND),
+            0,
+        );
         assert_eq!(unlimited.budget_left("bot").await, None);
     }
 }

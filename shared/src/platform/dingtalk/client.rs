@@ -57,7 +57,7 @@ impl DingTalkMessenger {
             cache,
             "dingtalk",
             format!("dingtalk:{}", bot.app_key),
-            bot.api_qps,
+            (bot.api_qps, crate::platform::governor::SECOND),
             bot.api_monthly_budget,
         );
         Self { api, bot, governor }

@@ -118,6 +118,7 @@ mod tests {
             markdown: false,
             welcome_text: welcome.map(String::from),
             working_notice_secs: 0,
+            api_per_minute: 2000,
         }
     }
 

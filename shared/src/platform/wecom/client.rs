@@ -1,11 +1,15 @@
 //! The WeCom messenger: answers go to the member through `message/send` with the app's
 //! access token from the shared [`TokenCache`] (refreshed once on 40014/42001/42009).
 //! WeCom limits text and app markdown to 2048 UTF-8 bytes and silently truncates beyond,
-//! so the worker splits to [`PART_BYTES`] before anything is sent.
+//! so the worker splits to [`PART_BYTES`] before anything is sent. Sends are paced by the
+//! enterprise's [`Governor`] (`api_per_minute`, cluster-wide) and by [`MEMBER_PER_MINUTE`]
+//! per member, so the parts of a long answer wait rather than vanish.
 
+use crate::cache::Cache;
 use crate::config::WecomBot;
 use crate::job::{Job, ReplyTarget};
 use crate::platform::api::{PlatformApi, Verdict};
+use crate::platform::governor::{Governor, MINUTE, Priority};
 use crate::platform::token::{AccessToken, Authorized, TokenCache};
 use crate::platform::{Messenger, OutgoingMessage, SendError};
 use crate::secret::Secret;
@@ -19,6 +23,9 @@ use std::time::Duration;
 /// Bytes per message part (`text.content` and app `markdown.content`).
 pub const PART_BYTES: usize = 2048;
 
+/// Messages one app may send one member per minute: WeCom drops more without an error.
+pub const MEMBER_PER_MINUTE: u32 = 30;
+
 /// errcodes meaning "this access token is no good": invalid, expired, expired (legacy).
 const TOKEN_ERRORS: [i64; 3] = [40014, 42001, 42009];
 
@@ -27,14 +34,28 @@ const TOKEN_ERRORS: [i64; 3] = [40014, 42001, 42009];
 pub struct WecomMessenger {
     api: PlatformApi,
     bot: WecomBot,
+    governor: Governor,
 }
 
 impl WecomMessenger {
-    /// A messenger for `bot`, sharing `http` and `tokens` with the rest of the process.
-    pub fn new(http: reqwest::Client, bot: WecomBot, tokens: Arc<TokenCache>) -> Self {
+    /// A messenger for `bot`, sharing `http` and `tokens` with the rest of the process and
+    /// the enterprise's API limits with the cluster through `cache`.
+    pub fn new(
+        http: reqwest::Client,
+        bot: WecomBot,
+        tokens: Arc<TokenCache>,
+        cache: Arc<dyn Cache>,
+    ) -> Self {
         let token_key = format!("token:wecom:{}:{}", bot.corp_id, bot.agent_id);
         let api = PlatformApi::new("wecom", http, &bot.api_base, tokens, token_key);
-        Self { api, bot }
+        let governor = Governor::new(
+            cache,
+            "wecom",
+            format!("wecom:{}", bot.corp_id),
+            (bot.api_per_minute, MINUTE),
+            0,
+        );
+        Self { api, bot, governor }
     }
 
     async fn fetch_token(&self) -> Result<AccessToken, SendError> {
@@ -137,6 +158,14 @@ impl Messenger for WecomMessenger {
             json!({"touser": target.user_id, "msgtype": "text", "agentid": target.agent_id,
                    "text": {"content": message.text}})
         };
+        let member = format!("{}:{}", target.agent_id, target.user_id);
+        self.governor
+            .acquire_for(&member, MEMBER_PER_MINUTE, MINUTE)
+            .await;
+        self.governor
+            .acquire("message_send", Priority::First, None)
+            .await
+            .ok();
         self.api
             .with_token(|| self.fetch_token(), |token| self.send_once(token, &body))
             .await
