@@ -38,11 +38,7 @@ REDIS=$(pgrep -o -x redis-server)
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  drop_queues "$RUN_ID"
-  drop_keys "$RUN_ID"
-  local left
-  left=$(queues_left "$RUN_ID")
-  [ "${left:-0}" = 0 ] || echo "warning: $left queue(s) named *$RUN_ID* are left in RabbitMQ" >&2
+  drop_run "$RUN_ID"
 }
 trap cleanup EXIT
 

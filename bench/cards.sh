@@ -44,13 +44,7 @@ BROKERS=0
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  if [ "$BROKERS" = 1 ]; then
-    drop_queues "$RUN_ID"
-    drop_keys "$RUN_ID"
-    local left
-    left=$(queues_left "$RUN_ID")
-    [ "${left:-0}" = 0 ] || echo "warning: $left queue(s) named *$RUN_ID* are left in RabbitMQ" >&2
-  fi
+  if [ "$BROKERS" = 1 ]; then drop_run "$RUN_ID"; fi
 }
 trap cleanup EXIT
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }

@@ -69,6 +69,13 @@ drop_keys() { # every Redis key starting with $1
 queues_left() { # how many queues whose name contains $1 are left
   rmq list_queues -q --no-table-headers name 2>/dev/null | grep -cF -- "$1" || true
 }
+drop_run() { # a run's queues and keys ($1 in their names), warning about any queue left
+  drop_queues "$1"
+  drop_keys "$1"
+  local left
+  left=$(queues_left "$1")
+  [ "${left:-0}" = 0 ] || echo "warning: $left queue(s) named *$1* are left in RabbitMQ" >&2
+}
 
 # The [llm] table and the DingTalk bot every benchmark configures, as TOML on stdout:
 # bench_model_and_bot REQUESTS_PER_MINUTE MAX_CONCURRENCY. The fake model listens on

@@ -1256,6 +1256,26 @@ impl AckStats {
     }
 }
 
+/// The accepted callbacks' send times (µs since the start), per conversation.
+fn sends_per_conversation(conversations: usize, accepted: &[(usize, u64)]) -> Vec<Vec<u64>> {
+    let mut sends: Vec<Vec<u64>> = vec![Vec::new(); conversations];
+    for &(conv, sent_us) in accepted {
+        if let Some(list) = sends.get_mut(conv) {
+            list.push(sent_us);
+        }
+    }
+    sends
+}
+
+/// µs from a callback's send time (µs since `start_epoch_us`) to `at_ms` (ms since the
+/// epoch), at least 1 so every answer is recorded.
+fn since_sent_us(start_epoch_us: i64, sent_us: u64, at_ms: i64) -> u64 {
+    let us = at_ms
+        .saturating_mul(1000)
+        .saturating_sub(start_epoch_us.saturating_add_unsigned(sent_us));
+    u64::try_from(us).unwrap_or(0).max(1)
+}
+
 /// Matches replies to accepted callbacks per conversation, in order, and times them.
 fn account_replies(
     conversations: usize,
@@ -1263,12 +1283,7 @@ fn account_replies(
     arrivals: &Arrivals,
     start_epoch_us: i64,
 ) -> anyhow::Result<ReplyReport> {
-    let mut sends: Vec<Vec<u64>> = vec![Vec::new(); conversations];
-    for &(conv, sent_us) in accepted {
-        if let Some(list) = sends.get_mut(conv) {
-            list.push(sent_us);
-        }
-    }
+    let mut sends = sends_per_conversation(conversations, accepted);
     let mut received: Vec<Vec<i64>> = vec![Vec::new(); conversations];
     let mut report = ReplyReport {
         dropped_by_platform: arrivals.dropped,
@@ -1292,11 +1307,7 @@ fn account_replies(
         report.duplicates += arrived.len().saturating_sub(sent.len()) as u64;
         report.missing += sent.len().saturating_sub(arrived.len()) as u64;
         for (&sent_us, &arrived_ms) in sent.iter().zip(arrived.iter()) {
-            let sent_epoch_us = start_epoch_us.saturating_add_unsigned(sent_us);
-            let us = arrived_ms
-                .saturating_mul(1000)
-                .saturating_sub(sent_epoch_us);
-            latency.saturating_record(u64::try_from(us).unwrap_or(0).max(1));
+            latency.saturating_record(since_sent_us(start_epoch_us, sent_us, arrived_ms));
         }
     }
     report.latency_ms = Percentiles::from_histogram(&latency);
@@ -1328,12 +1339,7 @@ fn account_cards(
     seen: &CardsSeen,
     start_epoch_us: i64,
 ) -> anyhow::Result<CardReport> {
-    let mut sends: Vec<Vec<u64>> = vec![Vec::new(); conversations];
-    for &(conv, sent_us) in accepted {
-        if let Some(list) = sends.get_mut(conv) {
-            list.push(sent_us);
-        }
-    }
+    let mut sends = sends_per_conversation(conversations, accepted);
     let mut report = CardReport::default();
     let mut answers: Vec<Vec<Answer>> = vec![Vec::new(); conversations];
     let mut calls = Vec::new();
@@ -1369,12 +1375,7 @@ fn account_cards(
         last_ms = last_ms.max(Some(arrived_ms));
     }
     let (mut first_content, mut message) = (latency_histogram()?, latency_histogram()?);
-    let since_sent = |sent_us: u64, at_ms: i64| {
-        let us = at_ms
-            .saturating_mul(1000)
-            .saturating_sub(start_epoch_us.saturating_add_unsigned(sent_us));
-        u64::try_from(us).unwrap_or(0).max(1)
-    };
+    let since_sent = |sent_us: u64, at_ms: i64| since_sent_us(start_epoch_us, sent_us, at_ms);
     for (sent, got) in sends.iter_mut().zip(answers.iter_mut()) {
         sent.sort_unstable();
         got.sort_by_key(Answer::began_ms);
