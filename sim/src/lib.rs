@@ -2,7 +2,9 @@
 //! generators, kept out of the production crates. [`FakeDingTalk`] plays DingTalk's side
 //! (access tokens, robot sends, AI cards, sessionWebhooks, signed callbacks, the gateway's QPS
 //! and monthly limits), [`FakeWecom`] WeCom's (access tokens, message/send, encrypted
-//! callbacks), [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint (with paced SSE
+//! callbacks), [`FakeAibot`] WeCom's side of an AI bot (智能机器人: encrypted JSON
+//! callbacks, stream refreshes paced like WeCom's, the one-shot `response_url`),
+//! [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint (with paced SSE
 //! streams and scripted mid-stream faults), [`FakeRobots`] the group-robot webhooks
 //! notifications go to; [`FakeStack`] starts the ones asked for together with a configuration
 //! pointing at them (used by `parley demo`, the end-to-end tests and `parley sim serve`).
@@ -21,6 +23,7 @@ pub mod record;
 pub mod robots;
 pub mod stack;
 pub mod wecom;
+pub mod wecom_aibot;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -40,6 +43,10 @@ pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
 pub use robots::{FakeRobots, Refused, RobotKind, RobotMessage, max_in_any_window};
 pub use stack::{FakeStack, FakeStackBuilder};
 pub use wecom::{FakeWecom, FakeWecomApp, WecomSent};
+pub use wecom_aibot::{
+    AibotOptions, Chat, Exchange, FakeAibot, FakeAibotApp, PassiveReply, Refresh, Reply,
+    ResponsePost,
+};
 
 /// `parley sim …` subcommands.
 #[derive(clap::Subcommand, Debug)]

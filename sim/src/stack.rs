@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 
-use crate::{FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeRobots, FakeWecom, FakeWecomApp};
+use crate::{
+    FakeAibot, FakeAibotApp, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeRobots, FakeWecom,
+    FakeWecomApp,
+};
 
 /// One bot of the configuration: its id, the fake app behind it and extra TOML lines for
 /// its `[[bots]]` table.
@@ -24,12 +27,14 @@ struct Bot<A> {
 pub struct FakeStackBuilder {
     dingtalk_bots: Vec<Bot<FakeApp>>,
     wecom_bots: Vec<Bot<FakeWecomApp>>,
+    aibot_bots: Vec<Bot<FakeAibotApp>>,
     llm: FakeLlmOptions,
     model: Option<String>,
     llm_toml: String,
     robots: bool,
     dingtalk_listen: Option<SocketAddr>,
     wecom_listen: Option<SocketAddr>,
+    aibot_listen: Option<SocketAddr>,
     llm_listen: Option<SocketAddr>,
     robots_listen: Option<SocketAddr>,
 }
@@ -71,6 +76,22 @@ impl FakeStackBuilder {
         self
     }
 
+    /// Adds a WeCom AI bot (智能机器人) `id` whose `response_url`s the fake AI-bot platform
+    /// serves (it starts once there is one), with `extra` TOML lines in its `[[bots]]` table.
+    pub fn wecom_aibot(
+        mut self,
+        id: impl Into<String>,
+        app: FakeAibotApp,
+        extra: impl Into<String>,
+    ) -> Self {
+        self.aibot_bots.push(Bot {
+            id: id.into(),
+            app,
+            extra: extra.into(),
+        });
+        self
+    }
+
     /// How the fake model behaves; its `api_key` goes into `[llm]`.
     pub fn llm(mut self, options: FakeLlmOptions) -> Self {
         self.llm = options;
@@ -99,6 +120,12 @@ impl FakeStackBuilder {
     /// Binds the fake WeCom to `addr`.
     pub fn wecom_listen(mut self, addr: SocketAddr) -> Self {
         self.wecom_listen = Some(addr);
+        self
+    }
+
+    /// Binds the fake AI-bot platform (its `response_url` endpoint) to `addr`.
+    pub fn aibot_listen(mut self, addr: SocketAddr) -> Self {
+        self.aibot_listen = Some(addr);
         self
     }
 
@@ -136,6 +163,16 @@ impl FakeStackBuilder {
             let fake = FakeWecom::start(addr, apps)
                 .await
                 .with_context(|| format!("starting the fake WeCom on {addr}"))?;
+            Some(fake)
+        };
+        let aibot = if self.aibot_bots.is_empty() {
+            None
+        } else {
+            let addr = self.aibot_listen.unwrap_or(any);
+            let apps = self.aibot_bots.iter().map(|b| b.app.clone()).collect();
+            let fake = FakeAibot::start(addr, apps)
+                .await
+                .with_context(|| format!("starting the fake WeCom AI-bot platform on {addr}"))?;
             Some(fake)
         };
         let addr = self.llm_listen.unwrap_or(any);
@@ -191,9 +228,23 @@ impl FakeStackBuilder {
                 );
             }
         }
+        if let Some(fake) = &aibot {
+            for bot in &self.aibot_bots {
+                let _ = write!(
+                    toml,
+                    "\n[[bots]]\nid = {}\nplatform = \"wecom_aibot\"\ntoken = {}\nencoding_aes_key = {}\napi_base = {}\n{}\n",
+                    quoted(&bot.id),
+                    quoted(&bot.app.token),
+                    quoted(&bot.app.encoding_aes_key),
+                    quoted(&fake.base_url()),
+                    bot.extra
+                );
+            }
+        }
         Ok(FakeStack {
             dingtalk,
             wecom,
+            aibot,
             llm,
             robots,
             toml,
@@ -208,6 +259,8 @@ pub struct FakeStack {
     pub dingtalk: Option<FakeDingTalk>,
     /// The fake WeCom, if a WeCom bot was asked for.
     pub wecom: Option<FakeWecom>,
+    /// The fake WeCom AI-bot platform, if an AI bot was asked for.
+    pub aibot: Option<FakeAibot>,
     /// The fake model.
     pub llm: FakeLlm,
     /// The fake group robots, if asked for.
@@ -233,6 +286,9 @@ impl FakeStack {
             fake.shutdown();
         }
         if let Some(fake) = &self.wecom {
+            fake.shutdown();
+        }
+        if let Some(fake) = &self.aibot {
             fake.shutdown();
         }
         self.llm.shutdown();
@@ -268,6 +324,15 @@ mod tests {
     async fn config_points_at_the_started_fakes() {
         let stack = FakeStack::builder()
             .dingtalk_bot("dt", FakeApp::new("key", "se\"cret"))
+            .wecom_aibot(
+                "ai",
+                FakeAibotApp {
+                    token: "tok".into(),
+                    encoding_aes_key: "N8B4UnzjCKzzClkMWRyzUHfn9JfHNSBEJKSD8pQ3WCA".into(),
+                    aibot_id: "AIBOTID".into(),
+                },
+                "welcome = \"hi\"",
+            )
             .model("m", "max_retries = 1")
             .start()
             .await
@@ -284,6 +349,15 @@ mod tests {
             toml["bots"][0]["api_base"].as_str(),
             Some(&*dingtalk.base_url())
         );
+        let aibot = stack.aibot.as_ref().unwrap();
+        assert_eq!(toml["bots"][1]["id"].as_str(), Some("ai"));
+        assert_eq!(toml["bots"][1]["platform"].as_str(), Some("wecom_aibot"));
+        assert_eq!(toml["bots"][1]["token"].as_str(), Some("tok"));
+        assert_eq!(
+            toml["bots"][1]["api_base"].as_str(),
+            Some(&*aibot.base_url())
+        );
+        assert_eq!(toml["bots"][1]["welcome"].as_str(), Some("hi"));
         assert!(stack.wecom.is_none() && stack.robots.is_none());
         stack.shutdown();
     }
