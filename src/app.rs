@@ -19,6 +19,7 @@ use shared::platform::robots::messenger::RobotMessenger;
 use shared::platform::robots::ratelimit::WindowLimiter;
 use shared::platform::token::TokenCache;
 use shared::platform::wecom::client::WecomMessenger;
+use shared::platform::wecom_aibot::client::AibotMessenger;
 use shared::queue::amqp::AmqpQueue;
 use shared::queue::{JobQueue, MemoryQueue};
 use std::collections::HashMap;
@@ -343,6 +344,11 @@ fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec
                 http.clone(),
                 b.clone(),
                 tokens.clone(),
+                backends.cache.clone(),
+            )),
+            BotSettings::WecomAibot(b) => Arc::new(AibotMessenger::new(
+                http.clone(),
+                b.clone(),
                 backends.cache.clone(),
             )),
         };

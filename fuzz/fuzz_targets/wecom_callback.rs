@@ -32,6 +32,8 @@ fn setup() -> &'static (WecomCrypto, WecomBot) {
             api_base: "http://127.0.0.1".into(),
             markdown: false,
             welcome_text: Some("hi".into()),
+            working_notice_secs: 0,
+            api_per_minute: 2000,
         };
         (crypto, bot)
     })

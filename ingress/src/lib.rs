@@ -27,6 +27,7 @@ mod dingtalk;
 mod notify;
 mod rejection;
 mod wecom;
+mod wecom_aibot;
 
 pub use rejection::Rejection;
 
@@ -39,6 +40,9 @@ pub struct IngressState {
 struct Inner {
     dingtalk: dingtalk::Bots,
     wecom: wecom::Bots,
+    aibots: wecom_aibot::Bots,
+    /// What this replica last showed per AI bot stream (for "no change" answers).
+    last_shown: wecom_aibot::LastShown,
     queue: Arc<dyn JobQueue>,
     cache: Arc<dyn Cache>,
     body_limit: usize,
@@ -55,6 +59,7 @@ impl fmt::Debug for IngressState {
         f.debug_struct("IngressState")
             .field("dingtalk_bots", &self.inner.dingtalk.len())
             .field("wecom_bots", &self.inner.wecom.len())
+            .field("wecom_aibots", &self.inner.aibots.len())
             .finish_non_exhaustive()
     }
 }
@@ -66,6 +71,8 @@ impl IngressState {
             inner: Arc::new(Inner {
                 dingtalk: dingtalk::Bots::new(&settings.bots),
                 wecom: wecom::Bots::new(&settings.bots),
+                aibots: wecom_aibot::Bots::new(&settings.bots),
+                last_shown: wecom_aibot::LastShown::default(),
                 queue,
                 cache,
                 body_limit: settings.server.body_limit_bytes,
@@ -111,6 +118,8 @@ pub enum Accepted {
     Duplicate,
     /// Valid, but needs no answer (an event we do not act on).
     Ignored,
+    /// A stream refresh answered with the answer's progress.
+    Refreshed,
 }
 
 /// One request on a public route: its route label, the bot or channel it names, when it
@@ -158,6 +167,7 @@ impl Call {
         let outcome = match result {
             Ok(Accepted::Queued) => "accepted",
             Ok(Accepted::Ignored) => "ignored",
+            Ok(Accepted::Refreshed) => "refreshed",
             Ok(Accepted::Duplicate) => {
                 tracing::info!("duplicate dropped");
                 "duplicate"
@@ -181,10 +191,28 @@ impl Call {
         self,
         handle: impl AsyncFnOnce(&Call) -> Result<Accepted, Rejection>,
     ) -> Response {
+        self.respond_with(async |call| {
+            handle(call)
+                .await
+                .map(|a| (a, StatusCode::OK.into_response()))
+        })
+        .await
+    }
+
+    /// As [`Self::respond`], for callbacks answered with a body of their own.
+    async fn respond_with(
+        self,
+        handle: impl AsyncFnOnce(&Call) -> Result<(Accepted, Response), Rejection>,
+    ) -> Response {
         let span = self.span();
         async {
-            let result = handle(&self).await;
-            self.finish(result)
+            match handle(&self).await {
+                Ok((accepted, response)) => {
+                    self.record(&Ok(accepted));
+                    response
+                }
+                Err(r) => self.finish(Err(r)),
+            }
         }
         .instrument(span)
         .await

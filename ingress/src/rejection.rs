@@ -42,6 +42,9 @@ pub enum Rejection {
     /// WeCom XML refused.
     #[error("{0}")]
     Xml(#[from] XmlError),
+    /// WeCom AI bot JSON refused (the detail names the place, not the content).
+    #[error("{0}")]
+    Json(String),
     /// The queue cannot take the job now; the platform should retry.
     #[error("queue: {0}")]
     Queue(#[from] QueueError),
@@ -95,7 +98,7 @@ impl Rejection {
             }
             Rejection::Crypto(_) => (StatusCode::BAD_REQUEST, "bad_ciphertext"),
             Rejection::Xml(XmlError::TooLarge) => (StatusCode::PAYLOAD_TOO_LARGE, "malformed"),
-            Rejection::Xml(_) => (StatusCode::BAD_REQUEST, "malformed"),
+            Rejection::Xml(_) | Rejection::Json(_) => (StatusCode::BAD_REQUEST, "malformed"),
             Rejection::Queue(_) => (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable"),
             Rejection::CacheDown => (StatusCode::SERVICE_UNAVAILABLE, "cache_unavailable"),
             Rejection::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),

@@ -1,4 +1,5 @@
-//! `GET|POST /wecom/{bot}`: WeCom self-built app callbacks. `GET` is the URL check
+//! `GET|POST /wecom/{bot}`: WeCom self-built app callbacks (and the dispatch of AI bot
+//! callbacks, which share the route, to `wecom_aibot.rs`). `GET` is the URL check
 //! (decrypt `echostr`, answer the plain text); `POST` carries an encrypted XML message.
 //! The query's timestamp window and `msg_signature` are checked before anything is
 //! decrypted; the message becomes a job keyed by `MsgId`.
@@ -43,19 +44,23 @@ impl Bots {
     fn get(&self, id: &str) -> Result<&(WecomBot, WecomCrypto), Rejection> {
         self.0.get(id).ok_or(Rejection::UnknownBot)
     }
+
+    fn crypto(&self, id: &str) -> Option<&WecomCrypto> {
+        self.0.get(id).map(|(_, c)| c)
+    }
 }
 
 /// The query parameters WeCom signs. Percent-decoded by hand: `echostr` is base64 and a
 /// form decoder would turn its `+` into a space and break the signature.
-struct WecomQuery {
-    msg_signature: String,
-    timestamp: String,
-    nonce: String,
+pub(crate) struct WecomQuery {
+    pub(crate) msg_signature: String,
+    pub(crate) timestamp: String,
+    pub(crate) nonce: String,
     echostr: Option<String>,
 }
 
 impl WecomQuery {
-    fn parse(raw: Option<&str>) -> Result<Self, Rejection> {
+    pub(crate) fn parse(raw: Option<&str>) -> Result<Self, Rejection> {
         let mut params: HashMap<&str, String> = HashMap::new();
         for pair in raw.unwrap_or_default().split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -82,7 +87,13 @@ pub(crate) async fn verify_url(
     let call = Call::new("wecom_verify", bot_id);
     let _span = call.span().entered();
     let result = (|| {
-        let (_, crypto) = state.inner.wecom.get(&call.target)?;
+        // App bots and AI bots verify their URL alike; only the receive id differs.
+        let crypto = state
+            .inner
+            .wecom
+            .crypto(&call.target)
+            .or_else(|| state.inner.aibots.get(&call.target).map(|(_, c)| c))
+            .ok_or(Rejection::UnknownBot)?;
         let q = WecomQuery::parse(query.as_deref())?;
         let echostr = q.echostr.ok_or(Rejection::MissingParam("echostr"))?;
         Ok(crypto.verify_url(&q.msg_signature, &q.timestamp, &q.nonce, &echostr)?)
@@ -103,6 +114,10 @@ pub(crate) async fn callback(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Response {
+    // The bot's platform says which format the route speaks.
+    if state.inner.aibots.get(&bot_id).is_some() {
+        return super::wecom_aibot::callback(state, bot_id, query, body).await;
+    }
     Call::new("wecom_callback", bot_id)
         .respond(async |call| handle(&state, call, query.as_deref(), body).await)
         .await

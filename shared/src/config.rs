@@ -322,6 +322,10 @@ pub enum BotSettings {
     DingTalk(DingTalkBot),
     /// A WeCom self-built app (encrypted callbacks, `message/send` replies).
     Wecom(WecomBot),
+    /// A WeCom AI bot (智能机器人, API mode): encrypted JSON callbacks, answers streamed
+    /// through passive replies, `response_url` as the fallback.
+    #[serde(rename = "wecom_aibot")]
+    WecomAibot(WecomAibotBot),
 }
 
 impl BotSettings {
@@ -330,6 +334,16 @@ impl BotSettings {
         match self {
             BotSettings::DingTalk(b) => &b.id,
             BotSettings::Wecom(b) => &b.id,
+            BotSettings::WecomAibot(b) => &b.id,
+        }
+    }
+
+    /// The first segment of the bot's callback route: WeCom apps and AI bots share
+    /// `/wecom/{id}`, so their ids must differ.
+    pub fn route(&self) -> &'static str {
+        match self {
+            BotSettings::DingTalk(_) => "dingtalk",
+            BotSettings::Wecom(_) | BotSettings::WecomAibot(_) => "wecom",
         }
     }
 
@@ -338,6 +352,7 @@ impl BotSettings {
         match self {
             BotSettings::DingTalk(_) => Platform::DingTalk,
             BotSettings::Wecom(_) => Platform::Wecom,
+            BotSettings::WecomAibot(_) => Platform::WecomAibot,
         }
     }
 }
@@ -453,6 +468,33 @@ pub struct WecomBot {
     pub api_per_minute: u32,
 }
 
+/// A WeCom AI bot (智能机器人) in API mode, receiving messages at its callback URL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WecomAibotBot {
+    /// Route id: callbacks arrive at `GET/POST /wecom/{id}`.
+    pub id: String,
+    /// The callback Token (signs callbacks and replies).
+    pub token: Secret,
+    /// The callback EncodingAESKey (43 characters); the receive id is the empty string.
+    pub encoding_aes_key: Secret,
+    /// Text answered when a member opens a chat with the bot (`enter_chat`); absent = none.
+    #[serde(default)]
+    pub welcome_text: Option<String>,
+    /// Seconds after the message within which the answer is shown in the stream; later,
+    /// it goes to the callback's `response_url`. Default 330, under WeCom's 6 minutes.
+    #[serde(default = "default_stream_window")]
+    pub stream_window_secs: u64,
+    /// Where WeCom's `response_url`s may point: its origin is allowed besides
+    /// `https://qyapi.weixin.qq.com`. Default `https://qyapi.weixin.qq.com`.
+    #[serde(default = "default_wecom_api")]
+    pub api_base: String,
+}
+
+fn default_stream_window() -> u64 {
+    330
+}
+
 fn default_api_per_minute() -> u32 {
     2000
 }
@@ -563,7 +605,7 @@ impl Settings {
                     "must be non-empty and use only letters, digits, '-' and '_'",
                 ));
             }
-            if !seen.insert((bot.platform(), id.to_string())) {
+            if !seen.insert((bot.route(), id.to_string())) {
                 return Err(ConfigError::new(
                     format!("bots[{i}].id"),
                     "duplicate bot id",
@@ -607,6 +649,30 @@ impl Settings {
                             "must be the 43-character EncodingAESKey from the WeCom console",
                         )
                     })?;
+                    check_http_url(&key("api_base"), &b.api_base)?;
+                }
+                BotSettings::WecomAibot(b) => {
+                    let key = |k: &str| format!("bots[{i}].{k}");
+                    if b.token.is_empty() {
+                        return Err(ConfigError::new(key("token"), "must not be empty"));
+                    }
+                    crate::platform::wecom::crypto::WecomCrypto::new(
+                        b.token.expose(),
+                        b.encoding_aes_key.expose(),
+                        "",
+                    )
+                    .map_err(|_| {
+                        ConfigError::new(
+                            key("encoding_aes_key"),
+                            "must be the 43-character EncodingAESKey from the WeCom console",
+                        )
+                    })?;
+                    if !(1..=350).contains(&b.stream_window_secs) {
+                        return Err(ConfigError::new(
+                            key("stream_window_secs"),
+                            "must be between 1 and 350 (WeCom stops refreshing after 6 minutes)",
+                        ));
+                    }
                     check_http_url(&key("api_base"), &b.api_base)?;
                 }
             }
@@ -888,12 +954,18 @@ encoding_aes_key = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
         let settings = Settings::from_toml(&text, |name| {
             Some(match name {
                 // Tencent's sample EncodingAESKey: the only value with a fixed shape.
-                "WECOM_ENCODING_AES_KEY" => "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C".into(),
+                "WECOM_ENCODING_AES_KEY" | "WECOM_AIBOT_ENCODING_AES_KEY" => {
+                    "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C".into()
+                }
                 _ => "x0123456789abcdef0123456789".into(),
             })
         })
         .unwrap();
-        assert_eq!(settings.bots.len(), 2, "one DingTalk and one WeCom bot");
+        assert_eq!(
+            settings.bots.len(),
+            3,
+            "one DingTalk bot, one WeCom app and one WeCom AI bot"
+        );
     }
 
     /// Every key README's configuration tables name is shown in parley.example.toml, set or

@@ -15,6 +15,9 @@ pub enum Platform {
     DingTalk,
     /// WeCom (企业微信).
     Wecom,
+    /// A WeCom AI bot (智能机器人).
+    #[serde(rename = "wecom_aibot")]
+    WecomAibot,
     /// A DingTalk custom group robot (notifications).
     #[serde(rename = "dingtalk_robot")]
     DingTalkRobot,
@@ -29,6 +32,7 @@ impl Platform {
         match self {
             Platform::DingTalk => "dingtalk",
             Platform::Wecom => "wecom",
+            Platform::WecomAibot => "wecom_aibot",
             Platform::DingTalkRobot => "dingtalk_robot",
             Platform::WecomRobot => "wecom_robot",
         }
@@ -80,6 +84,9 @@ pub enum Content {
     Text {
         /// The text, trimmed of the @mention's leading space.
         text: String,
+        /// The text of the message it quotes, if any: context for the model.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quote: Option<String>,
     },
     /// A reply decided without the model (a welcome text): sent as it is.
     Fixed {
@@ -111,6 +118,9 @@ pub enum ReplyTarget {
     DingTalk(DingTalkTarget),
     /// A WeCom app member.
     Wecom(WecomTarget),
+    /// A WeCom AI bot conversation: the stream the answer is shown in.
+    #[serde(rename = "wecom_aibot")]
+    WecomAibot(AibotTarget),
     /// A group robot (the job's `bot_id` is the channel id).
     Robot(RobotTarget),
 }
@@ -135,6 +145,20 @@ pub struct WecomTarget {
     pub agent_id: i64,
 }
 
+/// Where a WeCom AI bot's answer goes: into the stream WeCom refreshes, else (late, or
+/// once WeCom stopped refreshing) the callback's one-shot `response_url`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AibotTarget {
+    /// The stream id the callback was answered with (derived from the bot and `msgid`).
+    pub stream_id: String,
+    /// The one-shot reply URL from the callback (valid 1 h), if any.
+    pub response_url: Option<String>,
+    /// The group's `chatid`; None in a single chat.
+    pub chat_id: Option<String>,
+    /// The sender's `from.userid`.
+    pub user_id: String,
+}
+
 /// Where a DingTalk answer goes: the sessionWebhook while it is valid, else OpenAPI.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DingTalkTarget {
@@ -152,11 +176,21 @@ pub struct DingTalkTarget {
     pub robot_code: Option<String>,
 }
 
+impl Content {
+    /// Text without a quote.
+    pub fn text(text: impl Into<String>) -> Self {
+        Content::Text {
+            text: text.into(),
+            quote: None,
+        }
+    }
+}
+
 impl Job {
     /// The text of a text message, if it is one.
     pub fn text(&self) -> Option<&str> {
         match &self.content {
-            Content::Text { text } => Some(text),
+            Content::Text { text, .. } => Some(text),
             Content::Fixed { .. } | Content::Notice { .. } | Content::Unsupported { .. } => None,
         }
     }
@@ -208,7 +242,7 @@ pub(crate) mod tests {
                 id: "u1".into(),
                 nick: Some("Li".into()),
             },
-            content: Content::Text { text: text.into() },
+            content: Content::text(text),
             reply: ReplyTarget::DingTalk(DingTalkTarget {
                 group: true,
                 conversation_id: "cid1".into(),

@@ -43,6 +43,12 @@ pub struct Metrics {
     pub first_content: HistogramVec,
     /// `parley_card_updates{platform}`
     pub card_updates: HistogramVec,
+    /// `parley_aibot_refreshes_total{outcome}`: WeCom AI bot stream refreshes answered.
+    pub aibot_refreshes: IntCounterVec,
+    /// `parley_aibot_refresh_seconds`: time to answer a stream refresh.
+    pub aibot_refresh_duration: HistogramVec,
+    /// `parley_aibot_response_url_total{reason,outcome}`: answers posted to `response_url`.
+    pub aibot_response_url: IntCounterVec,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -189,6 +195,27 @@ impl Metrics {
                 "Streaming updates sent per card, the final one included.",
                 &["platform"],
                 vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0],
+            ),
+            aibot_refreshes: counter(
+                &r,
+                "parley_aibot_refreshes_total",
+                "WeCom AI bot stream refreshes by outcome (progress, final, follows, unknown, slow).",
+                &["outcome"],
+            ),
+            aibot_refresh_duration: histogram(
+                &r,
+                "parley_aibot_refresh_seconds",
+                "Time to answer a WeCom AI bot stream refresh.",
+                &[],
+                vec![
+                    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ),
+            aibot_response_url: counter(
+                &r,
+                "parley_aibot_response_url_total",
+                "WeCom AI bot answers posted to the response_url, by why (late, not_refreshed, rest) and outcome.",
+                &["reason", "outcome"],
             ),
             registry: r,
         }

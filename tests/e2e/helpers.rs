@@ -5,8 +5,8 @@ use parley::app::{Application, Roles};
 use serde_json::Value;
 use shared::config::Settings;
 use sim::{
-    CallbackSpec, ConversationType, FakeApp, FakeDingTalk, FakeLlm, FakeLlmOptions, FakeStack,
-    FakeWecom, FakeWecomApp, SentMessage,
+    CallbackSpec, ConversationType, FakeAibot, FakeAibotApp, FakeApp, FakeDingTalk, FakeLlm,
+    FakeLlmOptions, FakeStack, FakeWecom, FakeWecomApp, SentMessage,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,6 +21,10 @@ pub(crate) const AGENT_ID: i64 = 1000002;
 pub(crate) const WECOM_TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
 pub(crate) const WECOM_AES_KEY: &str = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt";
 pub(crate) const WECOM_SECRET: &str = "wecom-app-secret";
+/// The AI bot of the vectors (receive id "").
+pub(crate) const AIBOT_TOKEN: &str = "QDG6eK";
+pub(crate) const AIBOT_AES_KEY: &str = "N8B4UnzjCKzzClkMWRyzUHfn9JfHNSBEJKSD8pQ3WCA";
+pub(crate) const AIBOT_ID: &str = "AIBOTID";
 
 /// How long a test waits for something that should happen.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
@@ -82,6 +86,8 @@ pub(crate) struct Options {
     pub(crate) extra: String,
     /// Extra TOML lines for the DingTalk bot `main` (e.g. `reply_mode = "card"`).
     pub(crate) dingtalk: String,
+    /// Extra TOML lines for the WeCom AI bot `ai` (e.g. `stream_window_secs = 2`).
+    pub(crate) aibot: String,
 }
 
 impl Default for Options {
@@ -95,6 +101,7 @@ impl Default for Options {
             amqp_url: None,
             extra: String::new(),
             dingtalk: String::new(),
+            aibot: "welcome_text = \"你好，我是 AI 助手\"".into(),
         }
     }
 }
@@ -164,6 +171,7 @@ pub(crate) struct TestApp {
     pub(crate) admin: SocketAddr,
     pub(crate) dingtalk: FakeDingTalk,
     pub(crate) wecom: FakeWecom,
+    pub(crate) aibot: FakeAibot,
     pub(crate) llm: FakeLlm,
     pub(crate) client: reqwest::Client,
     shutdown: CancellationToken,
@@ -295,6 +303,15 @@ impl TestApp {
                 },
                 "markdown = true\nwelcome_text = \"欢迎使用 AI 助手\"",
             )
+            .wecom_aibot(
+                "ai",
+                FakeAibotApp {
+                    token: AIBOT_TOKEN.into(),
+                    encoding_aes_key: AIBOT_AES_KEY.into(),
+                    aibot_id: AIBOT_ID.into(),
+                },
+                opts.aibot.clone(),
+            )
             .llm(FakeLlmOptions {
                 api_key: API_KEY.into(),
                 ..FakeLlmOptions::default()
@@ -308,9 +325,10 @@ impl TestApp {
             .start()
             .await
             .unwrap();
-        let (dingtalk, wecom, llm) = (
+        let (dingtalk, wecom, aibot, llm) = (
             stack.dingtalk.clone().unwrap(),
             stack.wecom.clone().unwrap(),
+            stack.aibot.clone().unwrap(),
             stack.llm.clone(),
         );
         let toml = format!(
@@ -366,6 +384,7 @@ admin_listen = "127.0.0.1:0"
             admin,
             dingtalk,
             wecom,
+            aibot,
             llm,
             client,
             shutdown,
@@ -393,6 +412,22 @@ admin_listen = "127.0.0.1:0"
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
         Running { stop, handle }
+    }
+
+    /// Starts one more in-process ingress of the same deployment; returns it and its address.
+    pub(crate) async fn extra_ingress(&self) -> (Running, SocketAddr) {
+        let app = Application::build_roles(self.settings(), Roles::Ingress)
+            .await
+            .unwrap();
+        let addr = app.address();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(app.run_until_stopped(stop.clone()));
+        (Running { stop, handle }, addr)
+    }
+
+    /// The AI bot's callback URL.
+    pub(crate) fn aibot_url(&self) -> String {
+        format!("http://{}/wecom/ai", self.addr)
     }
 
     pub(crate) fn callback_url(&self) -> String {
@@ -523,6 +558,7 @@ impl Drop for TestApp {
         self.shutdown.cancel();
         self.dingtalk.shutdown();
         self.wecom.shutdown();
+        self.aibot.shutdown();
         self.llm.shutdown();
     }
 }

@@ -27,6 +27,7 @@ macro_rules! on_both_backends {
     };
 }
 
+mod aibot;
 mod brokers;
 mod cards;
 mod dingtalk;

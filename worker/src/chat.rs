@@ -101,7 +101,7 @@ impl ChatHandler {
 #[async_trait]
 impl Handler for ChatHandler {
     async fn answer(&self, job: &Job, shown: Option<&Shown>) -> Result<Answer, Outcome> {
-        let text = match &job.content {
+        let (text, quote) = match &job.content {
             Content::Unsupported { kind } => {
                 tracing::info!(kind, "unsupported message type");
                 return Ok(Answer::plain(texts::UNSUPPORTED, "unsupported"));
@@ -110,7 +110,7 @@ impl Handler for ChatHandler {
             // The chat lane never carries notices; answered as the notice lane would, as
             // the one worker did before the lanes had handlers of their own.
             Content::Notice { .. } => return NoticeHandler.answer(job, None).await,
-            Content::Text { text } => text.trim(),
+            Content::Text { text, quote } => (text.trim(), quote.as_deref()),
         };
         let history_key = format!("history:{}", job.conversation_key);
         match texts::command(text) {
@@ -131,7 +131,12 @@ impl Handler for ChatHandler {
         let mut messages = Vec::with_capacity(history.len() + 2);
         messages.push(ChatMessage::new(Role::System, &self.settings.system_prompt));
         messages.extend(history);
-        messages.push(ChatMessage::new(Role::User, text));
+        // A quoted message is context the question refers to; it is remembered with it.
+        let asked = match quote {
+            Some(q) if !q.trim().is_empty() => format!("{}\n\n{text}", quoted(q)),
+            _ => text.to_string(),
+        };
+        messages.push(ChatMessage::new(Role::User, &asked));
         self.limiter.until_ready().await;
         let started = Instant::now();
         let called = match shown {
@@ -142,7 +147,7 @@ impl Handler for ChatHandler {
             Ok(c) => {
                 tracing::debug!(ms = started.elapsed().as_millis() as u64, "model answered");
                 let turn = [
-                    serde_json::to_string(&ChatMessage::new(Role::User, text)),
+                    serde_json::to_string(&ChatMessage::new(Role::User, &asked)),
                     serde_json::to_string(&ChatMessage::new(Role::Assistant, &c.text)),
                 ]
                 .map(|r| r.expect("messages serialize"));
@@ -176,4 +181,13 @@ impl Handler for ChatHandler {
             }
         }
     }
+}
+
+/// `q` as a markdown quote block, the way chat clients show a quoted message.
+fn quoted(q: &str) -> String {
+    q.trim()
+        .lines()
+        .map(|l| format!("> {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

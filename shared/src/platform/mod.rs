@@ -3,7 +3,7 @@
 //! sends parts in order; a messenger only knows its platform's APIs, and says through
 //! [`SendError`] whether a failure is worth retrying.
 //!
-//! One folder per platform (`dingtalk`, `wecom`, `robots`) holds its callback checks and
+//! One folder per platform (`dingtalk`, `wecom`, `wecom_aibot`, `robots`) holds its callback checks and
 //! parsing, wire types, client and limits. What they share sits here: the messenger trait
 //! and markdown helpers, the one "post JSON, classify the platform's error, count it" path
 //! (`api`), and the access-token cache (`token`). A new platform is a new folder.
@@ -14,6 +14,7 @@ pub mod governor;
 pub mod robots;
 pub mod token;
 pub mod wecom;
+pub mod wecom_aibot;
 
 use crate::job::Job;
 use crate::split::Limit;
@@ -99,7 +100,7 @@ pub enum Stage {
     },
 }
 
-/// A reply shown while it is written (a DingTalk AI card). The worker decides when to
+/// A reply shown while it is written (a DingTalk AI card, a WeCom AI bot's stream). The worker decides when to
 /// call; the platform side knows its calls, limits and budget.
 #[async_trait]
 pub trait LiveReply: Send + Sync {

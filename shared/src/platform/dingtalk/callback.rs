@@ -68,12 +68,11 @@ pub fn parse(bot_id: &str, body: &[u8], now_ms: i64) -> Result<Job, CallbackErro
         _ => return Err(CallbackError::Missing("conversationType")),
     };
     let content = match b.msgtype.as_str() {
-        "text" => Content::Text {
-            text: b
-                .text
+        "text" => Content::text(
+            b.text
                 .map(|t| t.content.trim().to_string())
                 .unwrap_or_default(),
-        },
+        ),
         "audio" => match b
             .content
             .as_ref()
@@ -81,9 +80,7 @@ pub fn parse(bot_id: &str, body: &[u8], now_ms: i64) -> Result<Job, CallbackErro
             .map(str::trim)
             .filter(|t| !t.is_empty())
         {
-            Some(t) => Content::Text {
-                text: t.to_string(),
-            },
+            Some(t) => Content::text(t.to_string()),
             None => Content::Unsupported {
                 kind: "audio".into(),
             },

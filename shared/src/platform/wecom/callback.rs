@@ -45,18 +45,15 @@ pub fn to_job(bot: &WecomBot, msg: &WecomMessage, now_ms: i64) -> Option<Job> {
             .filter(|s| !s.is_empty())
     };
     let content = match msg.msg_type.as_str() {
-        "text" => Content::Text {
-            text: msg
-                .content
+        "text" => Content::text(
+            msg.content
                 .as_deref()
                 .unwrap_or_default()
                 .trim()
                 .to_string(),
-        },
+        ),
         "voice" => match field("Recognition") {
-            Some(t) => Content::Text {
-                text: t.to_string(),
-            },
+            Some(t) => Content::text(t.to_string()),
             None => Content::Unsupported {
                 kind: "voice".into(),
             },
