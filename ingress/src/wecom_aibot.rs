@@ -15,7 +15,7 @@ use shared::config::{BotSettings, WecomAibotBot};
 use shared::platform::wecom::callback::check_timestamp;
 use shared::platform::wecom::crypto::WecomCrypto;
 use shared::platform::wecom_aibot::callback::{Callback, to_job};
-use shared::platform::wecom_aibot::stream::{Claim, FOLLOWS, Streams};
+use shared::platform::wecom_aibot::stream::{Claim, FOLLOWS, Streams, stream_id};
 use shared::platform::wecom_aibot::{
     AibotError, open_callback, reply_body, stream_reply, text_reply,
 };
@@ -131,10 +131,7 @@ async fn handle(
     match opened {
         Callback::Message(m) => {
             let job = call.traced(to_job(bot, &m, now));
-            let shared::job::ReplyTarget::WecomAibot(target) = &job.reply else {
-                unreachable!("an AI bot job replies to its stream")
-            };
-            let stream = target.stream_id.clone();
+            let stream = stream_id(&bot.id, &m.msgid);
             let streams = Streams(state.inner.cache.as_ref());
             // The stream is the dedupe mark: a repeat of the msgid gets the same id and no job.
             let accepted = match streams.begin(&stream, now).await {

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long after the final text is in place the worker waits for a refresh to take it.
-/// WeCom refreshes every second or so while a stream is open; ten missed refreshes mean it
-/// has stopped.
+/// WeCom keeps refreshing while a stream is open (its cadence is not documented); ten
+/// seconds without one mean it has stopped.
 pub const CLAIM_WAIT: Duration = Duration::from_secs(10);
 
 /// Least time between two progress writes of one answer.
