@@ -35,14 +35,9 @@ ensure_brokers
 BEAM=$(pgrep -o -x beam.smp)
 REDIS=$(pgrep -o -x redis-server)
 
-cleanup() {
-  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  drop_run "$RUN_ID"
-}
-trap cleanup EXIT
+BROKERS=1
+trap cleanup_run EXIT
 
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 jobs_held() { # messages in the job queue(s) `$1.jobs*`, or "unknown". RabbitMQ refreshes a
   # quorum queue's counts every few seconds, so read until two readings 6 s apart agree.
   local last="" now

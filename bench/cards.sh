@@ -41,13 +41,7 @@ PARLEY_PORT=18180       # ingress / serve; admin +1; workers 18182.. (admin +1)
 PIDS=()
 BROKERS=0
 
-cleanup() {
-  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ "$BROKERS" = 1 ]; then drop_run "$RUN_ID"; fi
-}
-trap cleanup EXIT
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+trap cleanup_run EXIT
 
 # CPU over a window, per process and per core, and how contended the machine was:
 # cpuwin.py DELAY SECS NAME=PID... (as in bench/brokers.sh: per-thread ticks and the core each
@@ -212,20 +206,6 @@ card_update_interval_ms = 500
 api_qps = $3
 TOML
 }
-# start_parley ROLE CONFIG PORT: `parley serve` (PORT ignored) or a role on PORT (admin PORT+1),
-# on core 0; sets PARLEY.
-start_parley() {
-  if [ "$1" = serve ]; then
-    RUST_LOG=warn taskset -c 0 "$BIN" --config "$2" serve >>"$WORK/parley.log" 2>&1 &
-    PARLEY=$!; PIDS+=("$PARLEY")
-    wait_http "http://127.0.0.1:$((PARLEY_PORT + 1))/readyz"
-  else
-    RUST_LOG=warn taskset -c 0 "$BIN" --config "$2" "$1" --listen "127.0.0.1:$3" \
-      --admin-listen "127.0.0.1:$(($3 + 1))" >>"$WORK/parley.log" 2>&1 &
-    PARLEY=$!; PIDS+=("$PARLEY")
-    wait_http "http://127.0.0.1:$(($3 + 1))/readyz"
-  fi
-}
 # load OUT [sim load options]: the generator on core 1 against Parley, in the background; sets LOAD.
 load() {
   local out=$1; shift
@@ -233,7 +213,6 @@ load() {
     --robot-code bench-app --fake-listen "$FAKE_DT" --json "$@" >"$out" 2>&1 &
   LOAD=$!
 }
-finish_load() { wait "$LOAD" || { cat "$1" >&2; exit 1; }; }
 
 echo "== load before: $(uptime)"
 echo "   $(nproc) cores; Parley on core 0, sim load (with the fake DingTalk) and the fake model on core 1"

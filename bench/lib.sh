@@ -97,3 +97,29 @@ app_secret = "$SECRET"
 api_base = "http://127.0.0.1:19100"
 TOML
 }
+
+# Process bookkeeping for the scripts that start Parley. They set BIN (the release binary),
+# WORK (a scratch directory), PARLEY_PORT, PIDS=() and, when they use the brokers, RUN_ID and
+# BROKERS=1; then `trap cleanup_run EXIT`.
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+cleanup_run() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${BROKERS:-0}" = 1 ]; then drop_run "$RUN_ID"; fi
+}
+# start_parley ROLE CONFIG PORT: `parley serve` (PORT ignored; admin on PARLEY_PORT+1) or a role on
+# PORT (admin PORT+1), on core 0, logging to $WORK/parley.log; waits until ready; sets PARLEY.
+start_parley() {
+  if [ "$1" = serve ]; then
+    RUST_LOG=warn taskset -c 0 "$BIN" --config "$2" serve >>"$WORK/parley.log" 2>&1 &
+    PARLEY=$!; PIDS+=("$PARLEY")
+    wait_http "http://127.0.0.1:$((PARLEY_PORT + 1))/readyz"
+  else
+    RUST_LOG=warn taskset -c 0 "$BIN" --config "$2" "$1" --listen "127.0.0.1:$3" \
+      --admin-listen "127.0.0.1:$(($3 + 1))" >>"$WORK/parley.log" 2>&1 &
+    PARLEY=$!; PIDS+=("$PARLEY")
+    wait_http "http://127.0.0.1:$(($3 + 1))/readyz"
+  fi
+}
+# finish_load OUT: waits for the background generator LOAD; on failure shows its output and stops.
+finish_load() { wait "$LOAD" || { cat "$1" >&2; exit 1; }; }

@@ -13,8 +13,7 @@ BARE=$PWD/target/release/examples/bare_server
 WORK=$(mktemp -d)
 SECRET=bench-secret
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+trap cleanup_run EXIT
 
 parley_usage() { # $1 pid, $2 its CPU seconds before the run, $3 thousands of messages in the run
   echo "   parley RSS peak $(rss_mb "$1") MB, CPU $(python3 -c "print(f'{($(cpu_s "$1")-$2)/$3:.3f}')") s per 1,000 messages (ingress + worker)"
@@ -82,13 +81,7 @@ encoding_aes_key = "$WECOM_AES_KEY"
 api_base = "http://$WECOM_FAKE"
 TOML
 
-start_parley() { # $1 config
-  RUST_LOG=warn taskset -c 0 "$BIN" --config "$1" serve >>"$WORK/parley.log" 2>&1 &
-  PARLEY=$!
-  PIDS+=($PARLEY)
-  wait_http http://127.0.0.1:18081/readyz
-}
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+PARLEY_PORT=18080 # parley serve; admin +1
 
 TS=$(python3 -c 'import time; print(int(time.time()*1000))')
 SIGN=$(python3 -c "import hmac,hashlib,base64,sys; s=b'$SECRET'; print(base64.b64encode(hmac.new(s, b'$TS\n'+s, hashlib.sha256).digest()).decode())")
@@ -106,7 +99,7 @@ for round in 1 2; do
   taskset -c 0 "$BARE" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=($B)
   sleep 0.3; taskset -c 1 wrk -t1 -c64 -d2s -s bench/wrk_dingtalk.lua http://127.0.0.1:18090/dingtalk/bench >/dev/null 2>&1
   BARE_R+=("$(wrk_rate http://127.0.0.1:18090/dingtalk/bench)"); stop $B
-  start_parley "$WORK/ingress.toml"
+  start_parley serve "$WORK/ingress.toml"
   taskset -c 1 wrk -t1 -c64 -d2s -s bench/wrk_dingtalk.lua http://127.0.0.1:18080/dingtalk/bench >/dev/null 2>&1
   PARLEY_R+=("$(wrk_rate http://127.0.0.1:18080/dingtalk/bench)")
   echo "   round $round: bare ${BARE_R[-1]} req/s, parley ${PARLEY_R[-1]} req/s (parley peak RSS $(rss_mb $PARLEY) MB with ~$(python3 -c "print(int(${PARLEY_R[-1]}*12))") jobs queued)"
@@ -124,7 +117,7 @@ taskset -c 0 "$BARE" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=($B); sleep 0
 taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench --app-secret "$SECRET" \
   --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --json >"$WORK/bare-lat.out" 2>&1
 stop $B
-start_parley "$WORK/full.toml"
+start_parley serve "$WORK/full.toml"
 CPU0=$(cpu_s $PARLEY)
 taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
   --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --wait-replies-secs 15 --json >"$WORK/parley-lat.out" 2>&1
@@ -133,7 +126,7 @@ stop $PARLEY
 python3 "$WORK/summary.py" "ack" "bare=$WORK/bare-lat.out" "parley=$WORK/parley-lat.out"
 
 echo "== 3. Worker: 1,000 conversations at once (1,000 callbacks in 1 s), fake model at 1 s"
-start_parley "$WORK/full.toml"
+start_parley serve "$WORK/full.toml"
 taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
   --robot-code bench-app --rate 1000 --duration-secs 1 --conversations 1000 --wait-replies-secs 10 --json >"$WORK/burst.out" 2>&1
 echo "   parley RSS peak $(rss_mb $PARLEY) MB (target < 150 MB)"
@@ -158,7 +151,7 @@ taskset -c 0 "$BARE" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=($B); sleep 0
 taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench "${WECOM_LOAD[@]}" \
   >"$WORK/bare-wecom.out" 2>&1
 stop $B
-start_parley "$WORK/wecom.toml"
+start_parley serve "$WORK/wecom.toml"
 CPU0=$(cpu_s $PARLEY)
 taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/wecom/bench-wx "${WECOM_LOAD[@]}" \
   --wait-replies-secs 15 >"$WORK/parley-wecom.out" 2>&1

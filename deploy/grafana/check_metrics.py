@@ -47,12 +47,12 @@ VALUES = {
     ("parley_http_requests_total", "outcome"): (
         {"accepted", "ignored", "duplicate", "unknown_bot", "too_large", "unreadable",
          "bad_signature", "stale_timestamp", "bad_timestamp", "malformed", "wrong_receiver",
-         "bad_ciphertext", "queue_unavailable", "unauthorized", "cache_unavailable"},
+         "bad_ciphertext", "queue_unavailable", "unauthorized", "cache_unavailable", "refreshed"},
         ["ingress/src"]),
     ("parley_jobs_total", "platform"): (
-        {"dingtalk", "wecom", "dingtalk_robot", "wecom_robot"}, ["shared/src"]),
+        {"dingtalk", "wecom", "wecom_aibot", "dingtalk_robot", "wecom_robot"}, ["shared/src"]),
     ("parley_job_duration_seconds", "platform"): (
-        {"dingtalk", "wecom", "dingtalk_robot", "wecom_robot"}, ["shared/src"]),
+        {"dingtalk", "wecom", "wecom_aibot", "dingtalk_robot", "wecom_robot"}, ["shared/src"]),
     ("parley_jobs_total", "outcome"): (
         {"answered", "model_failed", "command", "fixed", "unsupported", "notice", "duplicate",
          "retried", "dead_lettered"},
@@ -72,6 +72,12 @@ VALUES = {
     ("parley_platform_requests_total", "outcome"): (
         {"ok", "error", "network", "refused", "throttled", "busy", "expired", "token_refused"},
         ["shared/src"]),
+    ("parley_aibot_refreshes_total", "outcome"): (
+        {"progress", "final", "follows", "unknown", "slow"}, ["ingress/src"]),
+    ("parley_aibot_response_url_total", "reason"): (
+        {"late", "not_refreshed", "rest"}, ["shared/src"]),
+    ("parley_aibot_response_url_total", "outcome"): (
+        {"ok", "refused", "failed", "no_url"}, ["shared/src"]),
     ("parley_token_fetches_total", "platform"): (
         {"dingtalk", "wecom"}, ["shared/src"]),
 }

@@ -9,12 +9,14 @@
 //! notifications go to; [`FakeStack`] starts the ones asked for together with a configuration
 //! pointing at them (used by `parley demo`, the end-to-end tests and `parley sim serve`).
 //! [`run_load`] is an
-//! open-loop callback generator for benchmarks and [`run_notify_load`] a notification burst
+//! open-loop callback generator for benchmarks, [`run_aibot_load`] the same for AI-bot
+//! conversations with their stream refreshes, and [`run_notify_load`] a notification burst
 //! against fake robots. The fakes speak the wire formats of PROTOCOLS.md, record what they
 //! receive, accept scripted faults, bind port 0 in tests and start in milliseconds. This
 //! crate depends on `parley-shared` for wire types, signing and crypto, never on the binary:
 //! whoever needs a running Parley starts it and points it at these fakes.
 
+pub mod aibot_load;
 pub mod dingtalk;
 pub mod load;
 pub mod notify_load;
@@ -30,6 +32,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+pub use aibot_load::{AibotLoadArgs, AibotLoadReport, run_aibot_load};
 pub use dingtalk::{
     CallbackSpec, CardFault, CardUpdate, ConversationType, EndpointStats, FakeApp, FakeCard,
     FakeDingTalk, SentMessage, Via, send_callback,
@@ -100,6 +103,9 @@ pub enum SimCommand {
     Load(LoadArgs),
     /// Queue many notifications at once and measure how fast fake robots receive them.
     NotifyLoad(NotifyLoadArgs),
+    /// Hold WeCom AI-bot conversations at a fixed arrival rate, refreshing each stream to
+    /// its end, and measure refresh latency and whether every message got one answer.
+    AibotLoad(AibotLoadArgs),
 }
 
 /// Runs a `parley sim` subcommand to completion.
@@ -175,6 +181,7 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
         }
         SimCommand::Load(args) => run_load(args).await.map(|_| ()),
         SimCommand::NotifyLoad(args) => run_notify_load(args).await,
+        SimCommand::AibotLoad(args) => run_aibot_load(args).await.map(|_| ()),
     }
 }
 

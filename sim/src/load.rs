@@ -247,7 +247,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn from_histogram(h: &Histogram<u64>) -> Self {
+    pub(crate) fn from_histogram(h: &Histogram<u64>) -> Self {
         if h.is_empty() {
             return Self::default();
         }

@@ -472,3 +472,31 @@ async fn aibot_refreshes_are_served_by_a_second_ingress() {
     assert!(app.aibot.posts().is_empty());
     second.stop().await;
 }
+
+/// `parley sim aibot-load` against a running Parley: a small run must account every
+/// conversation as answered once in its stream, with every refresh answered.
+#[tokio::test]
+async fn aibot_load_generator_accounts_every_conversation() {
+    let app = TestApp::spawn(Backend::Embedded).await;
+    app.llm
+        .set_stream_pacing(Duration::from_millis(50), 4, Duration::from_millis(60));
+    let mut args = sim::AibotLoadArgs::new(app.aibot_url());
+    args.token = AIBOT_TOKEN.into();
+    args.encoding_aes_key = AIBOT_AES_KEY.into();
+    args.aibot_id = AIBOT_ID.into();
+    args.rate = 20.0;
+    args.duration_secs = 1;
+    args.refresh_interval_ms = 100;
+    args.settle_secs = 1;
+    let report = sim::run_aibot_load(args).await.unwrap();
+    assert_eq!(report.conversations, 20, "{report}");
+    assert_eq!(report.finished_in_stream, 20, "{report}");
+    assert_eq!(
+        (report.lost, report.duplicated, report.wrong, report.errors),
+        (0, 0, 0, 0),
+        "{report}"
+    );
+    assert_eq!(report.failed_refreshes, 0, "{report}");
+    assert!(report.refreshes >= 20, "{report}");
+    assert_eq!(app.llm.request_count(), 20);
+}
