@@ -48,8 +48,11 @@ pub struct Settings {
     /// Conversation memory.
     #[serde(default)]
     pub history: HistorySettings,
-    /// Chat bots.
+    /// How long an answer may take, and what each chatter may use.
     #[serde(default)]
+    pub limits: LimitSettings,
+    /// Chat bots.
+    #[serde(default, deserialize_with = "bots_with_access")]
     pub bots: Vec<BotSettings>,
     /// Notification delivery.
     #[serde(default)]
@@ -246,9 +249,14 @@ pub struct LlmSettings {
     /// System prompt put before every conversation.
     #[serde(default = "default_system_prompt")]
     pub system_prompt: String,
-    /// Model calls per minute per process (token bucket). Default 600.
+    /// Model calls per minute for the whole deployment (with `[cache] url` every worker
+    /// draws from one limit in Redis); 0 = off. Default 600.
     #[serde(default = "default_rpm")]
     pub requests_per_minute: u32,
+    /// Model tokens (prompt + completion) per minute for the whole deployment, estimated
+    /// before a call and corrected by its `usage`; 0 (default) = off.
+    #[serde(default)]
+    pub tokens_per_minute: u32,
     /// Jobs in flight per worker process (also the queue prefetch). Default 64.
     #[serde(default = "default_concurrency")]
     pub max_concurrency: usize,
@@ -280,6 +288,38 @@ fn default_timeout() -> u64 {
 }
 fn default_retries() -> u32 {
     2
+}
+
+/// `[limits]`: how late an answer may be, and per-chatter quotas (0 = off), cluster-wide.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Seconds from a message's arrival after which an answer is too late: a message whose
+    /// model call could not start by then is answered "busy, try again shortly" at once.
+    /// Default 120.
+    pub max_wait_secs: u64,
+    /// Messages a chatter may send in any minute.
+    pub user_messages_per_minute: u32,
+    /// Messages a chatter may send a day (Asia/Shanghai).
+    pub user_messages_per_day: u32,
+    /// Model tokens a chatter may use a day (Asia/Shanghai).
+    pub user_tokens_per_day: u64,
+    /// The answer to a chatter over a quota.
+    pub quota_reply: String,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_wait_secs: 120,
+            user_messages_per_minute: 0,
+            user_messages_per_day: 0,
+            user_tokens_per_day: 0,
+            quota_reply: "您今天的提问次数或用量已达上限，请稍后再试。\
+(You have reached your usage limit for now. Please try again later.)"
+                .into(),
+        }
+    }
 }
 
 /// `[history]`: what the assistant remembers of a conversation.
@@ -347,6 +387,23 @@ impl BotSettings {
         }
     }
 
+    /// Who may use the bot.
+    pub fn access(&self) -> &BotAccess {
+        match self {
+            BotSettings::DingTalk(b) => &b.access,
+            BotSettings::Wecom(b) => &b.access,
+            BotSettings::WecomAibot(b) => &b.access,
+        }
+    }
+
+    fn access_mut(&mut self) -> &mut BotAccess {
+        match self {
+            BotSettings::DingTalk(b) => &mut b.access,
+            BotSettings::Wecom(b) => &mut b.access,
+            BotSettings::WecomAibot(b) => &mut b.access,
+        }
+    }
+
     /// The bot's platform.
     pub fn platform(&self) -> Platform {
         match self {
@@ -357,12 +414,107 @@ impl BotSettings {
     }
 }
 
+/// Who may use a bot, and who may see its state: `[[bots]]` keys every platform has.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BotAccess {
+    /// Answer one-to-one chats. Default true.
+    pub dm: bool,
+    /// Answer group chats. Default true.
+    pub groups: bool,
+    /// Platform user ids allowed to use the bot; empty (default) = everyone.
+    pub allow_users: Vec<String>,
+    /// Platform user ids never answered.
+    pub deny_users: Vec<String>,
+    /// Conversation ids the bot answers in (DingTalk conversationId, WeCom AI bot chatid;
+    /// for WeCom one-to-one chats the user's id); empty (default) = every one.
+    pub allow_conversations: Vec<String>,
+    /// Conversation ids never answered in.
+    pub deny_conversations: Vec<String>,
+    /// The answer to a message that is not allowed; absent (default) = no answer at all.
+    pub deny_reply: Option<String>,
+    /// Platform user ids who may use `/status` and whose own quota is unlimited.
+    pub admin_users: Vec<String>,
+}
+
+impl Default for BotAccess {
+    fn default() -> Self {
+        Self {
+            dm: true,
+            groups: true,
+            allow_users: Vec::new(),
+            deny_users: Vec::new(),
+            allow_conversations: Vec::new(),
+            deny_conversations: Vec::new(),
+            deny_reply: None,
+            admin_users: Vec::new(),
+        }
+    }
+}
+
+impl BotAccess {
+    /// The `[[bots]]` keys this holds.
+    const KEYS: [&str; 8] = [
+        "dm",
+        "groups",
+        "allow_users",
+        "deny_users",
+        "allow_conversations",
+        "deny_conversations",
+        "deny_reply",
+        "admin_users",
+    ];
+
+    /// Whether `user` writing in `conversation` (a group chat when `group`) is answered.
+    pub fn allows(&self, user: &str, conversation: &str, group: bool) -> bool {
+        let listed = |list: &[String], id: &str| list.iter().any(|x| x == id);
+        (if group { self.groups } else { self.dm })
+            && !listed(&self.deny_users, user)
+            && !listed(&self.deny_conversations, conversation)
+            && (self.allow_users.is_empty() || listed(&self.allow_users, user))
+            && (self.allow_conversations.is_empty()
+                || listed(&self.allow_conversations, conversation))
+    }
+
+    /// Whether `user` is one of the bot's admins.
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.admin_users.iter().any(|x| x == user)
+    }
+}
+
+/// `[[bots]]`: each table's [`BotAccess`] keys are taken out and read first, the rest is the
+/// platform's settings, so both keep refusing unknown keys.
+fn bots_with_access<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<BotSettings>, D::Error> {
+    use serde::de::Error;
+    let tables = Vec::<toml::Table>::deserialize(d)?;
+    tables
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut table)| {
+            let fail = |e: toml::de::Error| D::Error::custom(format!("bots[{i}]: {}", e.message()));
+            let mut access = toml::Table::new();
+            for key in BotAccess::KEYS {
+                if let Some(v) = table.remove(key) {
+                    access.insert(key.to_string(), v);
+                }
+            }
+            let access: BotAccess = toml::Value::Table(access).try_into().map_err(fail)?;
+            let mut bot: BotSettings = toml::Value::Table(table).try_into().map_err(fail)?;
+            *bot.access_mut() = access;
+            Ok(bot)
+        })
+        .collect()
+}
+
 /// A DingTalk robot of an enterprise-internal app.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DingTalkBot {
     /// Route id: callbacks arrive at `POST /dingtalk/{id}`.
     pub id: String,
+    /// Who may use the bot (the `[[bots]]` keys of [`BotAccess`], common to every platform).
+    #[serde(skip)]
+    pub access: BotAccess,
     /// The app's AppKey (Client ID); also the robotCode for OpenAPI sends.
     pub app_key: String,
     /// The app's AppSecret (Client Secret): signs callbacks and fetches tokens.
@@ -438,6 +590,9 @@ impl DingTalkBot {
 pub struct WecomBot {
     /// Route id: callbacks arrive at `GET/POST /wecom/{id}`.
     pub id: String,
+    /// Who may use the bot (the `[[bots]]` keys of [`BotAccess`], common to every platform).
+    #[serde(skip)]
+    pub access: BotAccess,
     /// The company's CorpID (`ww…`); also the receive id inside every encrypted message.
     pub corp_id: String,
     /// The app's Secret, for `gettoken`.
@@ -474,6 +629,9 @@ pub struct WecomBot {
 pub struct WecomAibotBot {
     /// Route id: callbacks arrive at `GET/POST /wecom/{id}`.
     pub id: String,
+    /// Who may use the bot (the `[[bots]]` keys of [`BotAccess`], common to every platform).
+    #[serde(skip)]
+    pub access: BotAccess,
     /// The callback Token (signs callbacks and replies).
     pub token: Secret,
     /// The callback EncodingAESKey (43 characters); the receive id is the empty string.
@@ -540,17 +698,20 @@ impl Settings {
         if self.llm.model.trim().is_empty() {
             return Err(ConfigError::new("llm.model", "must not be empty"));
         }
-        if self.llm.requests_per_minute == 0 {
-            return Err(ConfigError::new(
-                "llm.requests_per_minute",
-                "must be at least 1",
-            ));
-        }
         if self.llm.max_concurrency == 0 {
             return Err(ConfigError::new(
                 "llm.max_concurrency",
                 "must be at least 1",
             ));
+        }
+        if self.limits.max_wait_secs == 0 {
+            return Err(ConfigError::new(
+                "limits.max_wait_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.limits.quota_reply.trim().is_empty() {
+            return Err(ConfigError::new("limits.quota_reply", "must not be empty"));
         }
         if self.llm.timeout_secs == 0 {
             return Err(ConfigError::new("llm.timeout_secs", "must be at least 1"));
@@ -870,10 +1031,39 @@ app_secret = "${DT_SECRET}"
     }
 
     #[test]
-    fn bad_values_name_the_key() {
-        let text = MINIMAL.replace("model = \"m\"", "model = \"m\"\nrequests_per_minute = 0");
+    fn bots_take_access_keys_and_still_refuse_unknown_ones() {
+        let text = MINIMAL.replace(
+            "app_secret = \"${DT_SECRET}\"",
+            "app_secret = \"${DT_SECRET}\"\ngroups = false\nallow_users = [\"u1\"]",
+        );
+        let s = Settings::from_toml(&text, env).unwrap();
+        let a = s.bots[0].access();
+        assert!(a.dm && !a.groups);
+        assert!(a.allows("u1", "cid", false));
+        assert!(!a.allows("u2", "cid", false), "not on the allow list");
+        assert!(!a.allows("u1", "cid", true), "groups = false");
+        let text = MINIMAL.replace(
+            "platform = \"dingtalk\"",
+            "platform = \"dingtalk\"\ngrups = false",
+        );
         let err = Settings::from_toml(&text, env).unwrap_err().to_string();
-        assert!(err.starts_with("config: llm.requests_per_minute:"), "{err}");
+        assert!(err.contains("bots[0]") && err.contains("grups"), "{err}");
+        let text = MINIMAL.replace(
+            "platform = \"dingtalk\"",
+            "platform = \"dingtalk\"\ndm = \"yes\"",
+        );
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.contains("bots[0]"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let text = MINIMAL.replace("model = \"m\"", "model = \"m\"\nmax_concurrency = 0");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.starts_with("config: llm.max_concurrency:"), "{err}");
+        let text = format!("{MINIMAL}\n[limits]\nmax_wait_secs = 0\n");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.starts_with("config: limits.max_wait_secs:"), "{err}");
         let text = MINIMAL.replace("http://127.0.0.1:9200/v1", "ftp://x");
         let err = Settings::from_toml(&text, env).unwrap_err().to_string();
         assert!(err.starts_with("config: llm.base_url:"), "{err}");

@@ -187,6 +187,21 @@ impl Content {
 }
 
 impl Job {
+    /// Where the message was written: whether a group chat, and the conversation's platform
+    /// id (DingTalk conversationId, WeCom AI bot chatid; a one-to-one chat's on WeCom is the
+    /// user's id). None for notifications.
+    pub fn place(&self) -> Option<(bool, &str)> {
+        match &self.reply {
+            ReplyTarget::DingTalk(t) => Some((t.group, &t.conversation_id)),
+            ReplyTarget::Wecom(t) => Some((false, &t.user_id)),
+            ReplyTarget::WecomAibot(t) => Some(match &t.chat_id {
+                Some(chat) => (true, chat.as_str()),
+                None => (false, t.user_id.as_str()),
+            }),
+            ReplyTarget::Robot(_) => None,
+        }
+    }
+
     /// The text of a text message, if it is one.
     pub fn text(&self) -> Option<&str> {
         match &self.content {

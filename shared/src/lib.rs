@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod config;
 pub mod job;
+pub mod limits;
 pub mod llm;
 pub mod metrics;
 pub mod notify;

@@ -49,6 +49,12 @@ pub struct Metrics {
     pub aibot_refresh_duration: HistogramVec,
     /// `parley_aibot_response_url_total{reason,outcome}`: answers posted to `response_url`.
     pub aibot_response_url: IntCounterVec,
+    /// `parley_limit_wait_seconds{kind}`: how long model calls waited for the shared limit
+    /// (`rpm`, `tpm`: the rate that set the wait).
+    pub limit_wait: HistogramVec,
+    /// `parley_limit_rejections_total{kind}`: messages answered without the model because
+    /// of a limit (`rpm`, `tpm`, `backlog`: busy; `user_quota`).
+    pub limit_rejections: IntCounterVec,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -216,6 +222,21 @@ impl Metrics {
                 "parley_aibot_response_url_total",
                 "WeCom AI bot answers posted to the response_url, by why (late, not_refreshed, rest) and outcome.",
                 &["reason", "outcome"],
+            ),
+            limit_wait: histogram(
+                &r,
+                "parley_limit_wait_seconds",
+                "Time model calls waited for the deployment's request or token limit, by the limit that set it.",
+                &["kind"],
+                vec![
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                ],
+            ),
+            limit_rejections: counter(
+                &r,
+                "parley_limit_rejections_total",
+                "Messages answered without the model because of a limit (rpm, tpm, backlog: busy; user_quota).",
+                &["kind"],
             ),
             registry: r,
         }

@@ -4,7 +4,7 @@
 //! prefix and removes what it created, even when it fails.
 
 use shared::cache::redis::RedisCache;
-use shared::cache::{Cache, CacheError};
+use shared::cache::{Cache, CacheError, MemoryCache, Rate, Reservation};
 use shared::config::{CacheSettings, QueueSettings};
 use shared::job::{JOB_VERSION, Job};
 use shared::queue::amqp::{ATTEMPT_HEADER, AmqpQueue, REASON_HEADER, REBALANCE_EVERY, shard_of};
@@ -1355,4 +1355,133 @@ async fn redis_restart_is_survived_without_restarting_the_cache() {
     // The data went with the old server; the connection is what came back.
     assert_eq!(cache.get("k").await.unwrap(), None);
     wait_until("the cache is ready again", || cache.is_ready()).await;
+}
+
+fn rate(key: &str, interval_ms: u64, burst: u32, cost: i64) -> Rate {
+    Rate {
+        key: key.into(),
+        interval: Duration::from_millis(interval_ms),
+        burst,
+        cost,
+    }
+}
+
+fn waited(r: Reservation) -> Duration {
+    match r {
+        Reservation::Wait { wait, .. } => wait,
+        Reservation::TooLate { .. } => panic!("refused: {r:?}"),
+    }
+}
+
+/// The reservation arithmetic every backend must share: a burst goes at once, then one call
+/// per interval; a refusal reserves nothing; the longest of several rates binds; a negative
+/// cost gives time back; a call costing more than the burst waits for an idle rate.
+async fn reservations_follow_the_rate(c: &dyn Cache, other: &dyn Cache) {
+    let ms = Duration::from_millis;
+    let close = |d: Duration, want: u64| {
+        let want = ms(want);
+        assert!(
+            d <= want && d + ms(15) >= want,
+            "{d:?} not just under {want:?}"
+        );
+    };
+    let r = [rate("rpm", 100, 2, 1)];
+    assert_eq!(waited(c.reserve(&r, None).await.unwrap()), Duration::ZERO);
+    assert_eq!(
+        waited(other.reserve(&r, None).await.unwrap()),
+        Duration::ZERO
+    );
+    close(waited(c.reserve(&r, None).await.unwrap()), 100);
+    close(waited(other.reserve(&r, None).await.unwrap()), 200);
+    assert_eq!(
+        c.reserve(&r, Some(ms(250))).await.unwrap(),
+        Reservation::TooLate { binding: 0 }
+    );
+    close(waited(c.reserve(&r, Some(ms(400))).await.unwrap()), 300);
+    // Giving two units back brings the next call forward by two intervals.
+    waited(c.reserve(&[rate("rpm", 100, 2, -2)], None).await.unwrap());
+    close(waited(other.reserve(&r, None).await.unwrap()), 200);
+
+    let both = [rate("a", 10, 1, 1), rate("b", 100, 1, 1)];
+    let first = c.reserve(&both, None).await.unwrap();
+    assert_eq!(
+        first,
+        Reservation::Wait {
+            wait: Duration::ZERO,
+            binding: 0
+        }
+    );
+    match c.reserve(&both, None).await.unwrap() {
+        Reservation::Wait { wait, binding: 1 } => close(wait, 100),
+        other => panic!("{other:?}"),
+    }
+    // Too late on "b": "a" was not advanced either.
+    assert_eq!(
+        c.reserve(&both, Some(ms(50))).await.unwrap(),
+        Reservation::TooLate { binding: 1 }
+    );
+    close(
+        waited(c.reserve(&[rate("a", 10, 1, 1)], None).await.unwrap()),
+        20,
+    );
+
+    // Tokens: 1 ms each, 5 at once; 20 at once waits only for the rate to be idle.
+    let tokens = |cost| [rate("tpm", 1, 5, cost)];
+    assert_eq!(
+        waited(c.reserve(&tokens(20), None).await.unwrap()),
+        Duration::ZERO
+    );
+    close(waited(c.reserve(&tokens(20), None).await.unwrap()), 20);
+    close(waited(c.reserve(&tokens(5), None).await.unwrap()), 40);
+}
+
+#[tokio::test]
+async fn memory_reservations_follow_the_rate() {
+    let c = MemoryCache::new();
+    reservations_follow_the_rate(&c, &c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reservations_follow_the_rate_for_every_process() {
+    let r = redis_cache("reserve").await;
+    let other = RedisCache::start(&CacheSettings {
+        url: Some(Secret::new(REDIS_URL)),
+        key_prefix: r.prefix.clone(),
+    })
+    .unwrap();
+    assert!(other.wait_ready(WAIT).await);
+    reservations_follow_the_rate(&r.cache, &other).await;
+
+    // Many callers in two processes at once: their start times are one interval apart.
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let c = if i % 2 == 0 {
+            r.cache.clone()
+        } else {
+            other.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let wait = waited(c.reserve(&[rate("many", 10, 1, 1)], None).await.unwrap());
+            Instant::now() + wait
+        }));
+    }
+    let mut starts = Vec::new();
+    for t in tasks {
+        starts.push(t.await.unwrap() - began);
+    }
+    starts.sort();
+    for w in starts.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap + Duration::from_millis(4) >= Duration::from_millis(10),
+            "{starts:?}"
+        );
+    }
+    let span = starts[59] - starts[0];
+    assert!(
+        span >= Duration::from_millis(585),
+        "60 calls at 10 ms apart: {span:?}"
+    );
+    assert!(pttl(&r.cache.full_key("many")).await > 0);
 }

@@ -283,6 +283,12 @@ impl TestApp {
         }
         let backend = opts.backend;
         let extra_llm = opts.llm.as_str();
+        // Tests send bursts far above a real contract; those about the limit set their own.
+        let rpm = if extra_llm.contains("requests_per_minute") {
+            ""
+        } else {
+            "requests_per_minute = 60000\n"
+        };
         if backend == Backend::Brokers {
             brokers_ready().await;
         }
@@ -319,7 +325,7 @@ impl TestApp {
             .model(
                 "test-model",
                 format!(
-                    "system_prompt = \"You are a test assistant.\"\nmax_retries = 2\n{extra_llm}"
+                    "system_prompt = \"You are a test assistant.\"\nmax_retries = 2\n{rpm}{extra_llm}"
                 ),
             )
             .start()

@@ -32,5 +32,6 @@ mod brokers;
 mod cards;
 mod dingtalk;
 mod helpers;
+mod limits;
 mod notify;
 mod wecom;

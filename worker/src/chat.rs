@@ -1,20 +1,21 @@
-//! The chat job kind: commands (`/reset`, `/help`), conversation memory in the cache, model
-//! pacing (governor) and the model call. A model that still fails after the client's own
-//! retries gets the chatter a short apology instead of silence.
+//! The chat job kind: commands (`/reset`, `/help`), conversation memory in the cache, the
+//! chatter's quotas, the deployment's model limits (a reserved start, or "busy" at once when
+//! that would make the answer too late) and the model call. A model that still fails after
+//! the client's own retries gets the chatter a short apology instead of silence.
 
 use crate::handler::{Answer, Handler, Shown};
 use crate::notice::NoticeHandler;
 use crate::settle::Outcome;
 use crate::texts;
 use async_trait::async_trait;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use shared::cache::Cache;
-use shared::config::{HistorySettings, Settings};
-use shared::job::{Content, Job};
+use shared::config::{BotAccess, HistorySettings, LimitSettings, LlmSettings, Settings};
+use shared::job::{Content, Job, Platform};
+use shared::limits::{ModelLimits, Quotas};
 use shared::llm::{ChatMessage, LlmClient, Role};
 use shared::platform::looks_like_markdown;
+use std::collections::HashMap;
 use std::fmt;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +26,12 @@ pub struct ChatSettings {
     pub system_prompt: String,
     /// Memory bounds.
     pub history: HistorySettings,
-    /// Model calls per minute.
-    pub requests_per_minute: u32,
+    /// The model and its limits.
+    pub llm: LlmSettings,
+    /// How late an answer may be; the chatters' quotas.
+    pub limits: LimitSettings,
+    /// Each bot's access policy, by platform and bot id.
+    pub access: HashMap<(Platform, String), BotAccess>,
 }
 
 impl ChatSettings {
@@ -35,7 +40,13 @@ impl ChatSettings {
         Self {
             system_prompt: s.llm.system_prompt.clone(),
             history: s.history.clone(),
-            requests_per_minute: s.llm.requests_per_minute,
+            llm: s.llm.clone(),
+            limits: s.limits.clone(),
+            access: s
+                .bots
+                .iter()
+                .map(|b| ((b.platform(), b.id().to_string()), b.access().clone()))
+                .collect(),
         }
     }
 }
@@ -44,7 +55,8 @@ impl ChatSettings {
 pub struct ChatHandler {
     cache: Arc<dyn Cache>,
     llm: Arc<dyn LlmClient>,
-    limiter: DefaultDirectRateLimiter,
+    limits: ModelLimits,
+    quotas: Quotas,
     settings: ChatSettings,
 }
 
@@ -59,13 +71,38 @@ impl fmt::Debug for ChatHandler {
 impl ChatHandler {
     /// A chat handler keeping history in `cache` and asking `llm`.
     pub fn new(settings: ChatSettings, cache: Arc<dyn Cache>, llm: Arc<dyn LlmClient>) -> Self {
-        let rpm = NonZeroU32::new(settings.requests_per_minute).unwrap_or(NonZeroU32::MIN);
         Self {
+            limits: ModelLimits::new(cache.clone(), &settings.llm, &settings.limits),
+            quotas: Quotas::new(cache.clone(), &settings.limits),
             cache,
             llm,
-            limiter: RateLimiter::direct(Quota::per_minute(rpm)),
             settings,
         }
+    }
+
+    /// `/status` for a bot's admins: the deployment's model limits, how long a new call
+    /// would wait for them now, and the chatters' quotas.
+    async fn status(&self) -> String {
+        let (llm, limits) = (&self.settings.llm, &self.settings.limits);
+        let off = |n: u64| match n {
+            0 => "off".to_string(),
+            n => n.to_string(),
+        };
+        let wait = match self.limits.current_wait().await {
+            Ok(w) => format!("{:.1} s", w.as_secs_f64()),
+            Err(e) => format!("unknown ({e})"),
+        };
+        format!(
+            "model {}: requests/min {}, tokens/min {}; a new call would wait {wait} \
+             (busy beyond {} s)\nper chatter: messages/min {}, messages/day {}, tokens/day {}",
+            llm.model,
+            off(u64::from(llm.requests_per_minute)),
+            off(u64::from(llm.tokens_per_minute)),
+            limits.max_wait_secs,
+            off(u64::from(limits.user_messages_per_minute)),
+            off(u64::from(limits.user_messages_per_day)),
+            off(limits.user_tokens_per_day),
+        )
     }
 
     /// History of a conversation, newest kept within `max_chars`.
@@ -101,6 +138,26 @@ impl ChatHandler {
 #[async_trait]
 impl Handler for ChatHandler {
     async fn answer(&self, job: &Job, shown: Option<&Shown>) -> Result<Answer, Outcome> {
+        let access = self
+            .settings
+            .access
+            .get(&(job.platform, job.bot_id.clone()));
+        if let (Some(access), Some((group, conversation))) = (access, job.place())
+            && !access.allows(&job.sender.id, conversation, group)
+        {
+            tracing::info!(
+                group,
+                "not allowed by the bot's access policy; no model call"
+            );
+            shared::metrics::get()
+                .limit_rejections
+                .with_label_values(&["policy"])
+                .inc();
+            // An empty answer is not sent (a live reply ends empty).
+            let reply = access.deny_reply.as_deref().unwrap_or_default();
+            return Ok(Answer::plain(reply, "denied"));
+        }
+        let admin = access.is_some_and(|a| a.is_admin(&job.sender.id));
         let (text, quote) = match &job.content {
             Content::Unsupported { kind } => {
                 tracing::info!(kind, "unsupported message type");
@@ -115,16 +172,14 @@ impl Handler for ChatHandler {
         let history_key = format!("history:{}", job.conversation_key);
         match texts::command(text) {
             Some(texts::Command::Reset) => {
-                self.cache
-                    .delete(&history_key)
-                    .await
-                    .map_err(|e| Outcome::Retry {
-                        reason: format!("cache: {e}"),
-                        after: None,
-                    })?;
+                self.cache.delete(&history_key).await.map_err(cache_retry)?;
                 return Ok(Answer::plain(texts::RESET_DONE, "command"));
             }
             Some(texts::Command::Help) => return Ok(Answer::plain(texts::HELP, "command")),
+            Some(texts::Command::Status) if admin => {
+                return Ok(Answer::plain(&self.status().await, "command"));
+            }
+            Some(texts::Command::Status) => return Ok(Answer::plain(texts::HELP, "command")),
             None => {}
         }
         let history = self.history(&history_key).await;
@@ -137,7 +192,41 @@ impl Handler for ChatHandler {
             _ => text.to_string(),
         };
         messages.push(ChatMessage::new(Role::User, &asked));
-        self.limiter.until_ready().await;
+        let chatter = format!("{}:{}", job.platform.as_str(), job.sender.id);
+        if self.quotas.any() && !admin {
+            match self.quotas.take_message(&chatter).await {
+                Ok(None) => {}
+                Ok(Some(over)) => {
+                    tracing::info!(?over, "chatter over quota; not asking the model");
+                    shared::metrics::get()
+                        .limit_rejections
+                        .with_label_values(&["user_quota"])
+                        .inc();
+                    return Ok(Answer::plain(&self.settings.limits.quota_reply, "quota"));
+                }
+                Err(e) => return Err(cache_retry(e)),
+            }
+        }
+        let waited = Duration::from_millis(
+            u64::try_from(shared::now_ms().saturating_sub(job.received_at_ms)).unwrap_or(0),
+        );
+        let admission = match self
+            .limits
+            .admit(self.limits.estimate(&messages), waited)
+            .await
+        {
+            Ok(Ok(a)) => a,
+            Ok(Err(busy)) => {
+                tracing::warn!(
+                    limit = busy.kind(),
+                    "the answer would be too late; telling the chatter to try again"
+                );
+                return Ok(Answer::plain(texts::BUSY, "busy"));
+            }
+            Err(e) => return Err(cache_retry(e)),
+        };
+        // Waiting here holds no model connection: the call opens one when it starts.
+        tokio::time::sleep(admission.wait).await;
         let started = Instant::now();
         let called = match shown {
             Some(shown) => self.llm.chat_streaming(&messages, shown).await,
@@ -146,6 +235,11 @@ impl Handler for ChatHandler {
         match called {
             Ok(c) => {
                 tracing::debug!(ms = started.elapsed().as_millis() as u64, "model answered");
+                let used = c.prompt_tokens + c.completion_tokens;
+                self.limits.settle(&admission, used).await;
+                self.quotas
+                    .charge_tokens(&chatter, if used > 0 { used } else { admission.tokens })
+                    .await;
                 let turn = [
                     serde_json::to_string(&ChatMessage::new(Role::User, &asked)),
                     serde_json::to_string(&ChatMessage::new(Role::Assistant, &c.text)),
@@ -180,6 +274,15 @@ impl Handler for ChatHandler {
                 })
             }
         }
+    }
+}
+
+/// A cache that cannot answer now: the job is tried again later rather than answered
+/// without its limits or memory.
+fn cache_retry(e: shared::cache::CacheError) -> Outcome {
+    Outcome::Retry {
+        reason: format!("cache: {e}"),
+        after: None,
     }
 }
 

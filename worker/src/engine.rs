@@ -489,6 +489,10 @@ async fn send_parts(
     answer: &Answer,
     progress: Option<Progress<'_>>,
 ) -> Result<usize, SendError> {
+    // An empty answer says nothing on purpose (a message the bot's policy does not answer).
+    if answer.text.is_empty() {
+        return Ok(0);
+    }
     let parts = split(&answer.text, messenger.limit(answer.markdown));
     let title = match (&answer.title, answer.markdown) {
         (Some(t), _) => t.clone(),

@@ -17,6 +17,10 @@ pub(crate) const UNSUPPORTED: &str = "抱歉，我目前只能理解文字和语
 pub(crate) const MODEL_FAILED: &str = "抱歉，我暂时无法回答，请稍后再试。\
 (Sorry, I can't answer right now. Please try again in a moment.)";
 
+/// Reply when the model's limits would make the answer too late (`[limits] max_wait_secs`).
+pub(crate) const BUSY: &str = "现在提问的人太多，请稍后再试。\
+(I'm busy right now. Please try again shortly.)";
+
 /// Sent once when an answer takes longer than the bot's `working_notice_secs`.
 pub(crate) const WORKING: &str = "正在思考，请稍候…… (Working on it, one moment…)";
 
@@ -31,6 +35,8 @@ pub(crate) enum Command {
     Reset,
     /// Explain how to use the bot.
     Help,
+    /// The bot's limits and their use (admins only).
+    Status,
 }
 
 /// The command `text` is, if any. An empty message asks for help.
@@ -39,6 +45,7 @@ pub(crate) fn command(text: &str) -> Option<Command> {
     match t.to_ascii_lowercase().as_str() {
         "/reset" | "重置" | "清空" | "/clear" => Some(Command::Reset),
         "/help" | "帮助" | "" => Some(Command::Help),
+        "/status" | "状态" => Some(Command::Status),
         _ => None,
     }
 }
@@ -55,6 +62,7 @@ mod tests {
         assert_eq!(command("清空"), Some(Command::Reset));
         assert_eq!(command("/help"), Some(Command::Help));
         assert_eq!(command(""), Some(Command::Help));
+        assert_eq!(command("/status"), Some(Command::Status));
         assert_eq!(command("reset my password please"), None);
     }
 }

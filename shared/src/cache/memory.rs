@@ -1,7 +1,7 @@
 //! The embedded cache backend: one map behind a mutex, expired lazily on read and swept
 //! now and then.
 
-use super::{Cache, CacheError};
+use super::{Cache, CacheError, Rate, Reservation};
 use async_trait::async_trait;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -14,6 +14,8 @@ enum Value {
     List(VecDeque<String>),
     /// When each slot of a sliding window was taken, oldest first.
     Slots(VecDeque<Instant>),
+    /// A rate's theoretical arrival time.
+    Tat(Instant),
 }
 
 struct Entry {
@@ -217,9 +219,66 @@ impl Cache for MemoryCache {
         })
     }
 
+    async fn reserve(
+        &self,
+        rates: &[Rate],
+        max_wait: Option<Duration>,
+    ) -> Result<Reservation, CacheError> {
+        self.with_map(true, |map, now| {
+            let mut next = Vec::with_capacity(rates.len());
+            let (mut wait, mut binding) = (Duration::ZERO, 0);
+            for (i, rate) in rates.iter().enumerate() {
+                let tat = match live(map, &rate.key, now) {
+                    None => now,
+                    Some(Entry {
+                        value: Value::Tat(t),
+                        ..
+                    }) => (*t).max(now),
+                    Some(_) => return Err(CacheError::WrongType),
+                };
+                let (new_tat, w) = gcra_step(tat, now, rate);
+                if w > wait {
+                    (wait, binding) = (w, i);
+                }
+                next.push(new_tat);
+            }
+            if max_wait.is_some_and(|max| wait > max) {
+                return Ok(Reservation::TooLate { binding });
+            }
+            for (rate, tat) in rates.iter().zip(next) {
+                map.insert(
+                    rate.key.clone(),
+                    Entry {
+                        value: Value::Tat(tat),
+                        expires: tat + Duration::from_secs(1),
+                    },
+                );
+            }
+            Ok(Reservation::Wait { wait, binding })
+        })
+    }
+
     fn is_ready(&self) -> bool {
         true
     }
+}
+
+/// One rate's step of a reservation: its new theoretical arrival time and how long until
+/// the reserved call may start (the same arithmetic as the Redis script).
+fn gcra_step(tat: Instant, now: Instant, rate: &Rate) -> (Instant, Duration) {
+    let units = rate.cost.unsigned_abs().min(u32::MAX as u64) as u32;
+    let span = rate.interval.saturating_mul(units);
+    let new_tat = if rate.cost >= 0 {
+        tat + span
+    } else {
+        tat.checked_sub(span).unwrap_or(now).max(now)
+    };
+    let room = rate.interval.saturating_mul(
+        rate.burst
+            .max(u32::try_from(rate.cost.max(0)).unwrap_or(u32::MAX)),
+    );
+    let wait = new_tat.saturating_duration_since(now).saturating_sub(room);
+    (new_tat, wait)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The cache seam: strings and bounded lists with a time-to-live, set-if-absent (dedupe
-//! keys, answered markers, short locks), compare-and-delete, counters, and sliding-window
-//! slots (cluster-wide rate limits: each is one atomic step, no read-then-write race). Keys are given without the
+//! keys, answered markers, short locks), compare-and-delete, counters, sliding-window
+//! slots and reservations against steady rates (cluster-wide rate limits: each is one atomic
+//! step, no read-then-write race). Keys are given without the
 //! deployment prefix; each backend adds `[cache].key_prefix`. The backends are
 //! `memory` (embedded) and `redis`.
 
@@ -59,6 +60,50 @@ pub trait Cache: Send + Sync + fmt::Debug {
         limit: u32,
         window: Duration,
     ) -> Result<Option<Duration>, CacheError>;
+    /// Reserves `cost` of every rate in `rates` in one atomic step (GCRA with reservations:
+    /// each rate is a theoretical arrival time advanced by `cost × interval`). Returns how long
+    /// until the reserved call may start — [`Reservation::Wait`], the longest of the rates'
+    /// waits, with the index of the rate that set it — or [`Reservation::TooLate`] when that
+    /// would be more than `max_wait`, and then reserves nothing. A negative cost gives units
+    /// back (a correction); `max_wait` None never refuses. With Redis the clock is the
+    /// server's, one for the cluster.
+    async fn reserve(
+        &self,
+        rates: &[Rate],
+        max_wait: Option<Duration>,
+    ) -> Result<Reservation, CacheError>;
     /// Whether the backend answers now (drives `/readyz`).
     fn is_ready(&self) -> bool;
+}
+
+/// One steady rate a [`Cache::reserve`] draws from: a unit every `interval`, up to `burst`
+/// units at once (a call costing more than `burst` waits until the rate is idle).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rate {
+    /// The cache key holding the rate's state.
+    pub key: String,
+    /// Time per unit.
+    pub interval: Duration,
+    /// Units that may go at once.
+    pub burst: u32,
+    /// Units this reservation takes (negative: gives back).
+    pub cost: i64,
+}
+
+/// The answer of [`Cache::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Reserved: the call may start after `wait`; `binding` is the index of the rate whose
+    /// wait that is (the first rate when none waits).
+    Wait {
+        /// How long until the call may start.
+        wait: Duration,
+        /// Index into the rates of the one that made the wait.
+        binding: usize,
+    },
+    /// Not reserved: the call could not start within `max_wait`; `binding` as above.
+    TooLate {
+        /// Index into the rates of the one that made the wait.
+        binding: usize,
+    },
 }

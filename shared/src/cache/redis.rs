@@ -15,7 +15,7 @@
 //! replaces it with a fresh one. The URL is a secret: it and its password are scrubbed from
 //! every message, and timeouts keep a call from hanging longer than [`COMMAND_TIMEOUT`].
 
-use super::{Cache, CacheError};
+use super::{Cache, CacheError, Rate, Reservation};
 use crate::config::{CacheSettings, ConfigError};
 use crate::secret::Scrubber;
 use async_trait::async_trait;
@@ -58,6 +58,37 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + window - now + 1)
 ";
 
+/// Reservation against steady rates (GCRA, see `Cache::reserve`), all or nothing:
+/// KEYS are the rates' keys; ARGV[1] the longest wait in µs (-1: unbounded), then per rate
+/// its interval in µs, its burst and its cost. Returns {wait µs or -1 when too late, index of
+/// the binding rate (0-based)}. Times are the server's, in µs.
+const RESERVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local max_wait = tonumber(ARGV[1])
+local tats, wait, binding = {}, 0, 0
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[3 * i - 1])
+  local burst = tonumber(ARGV[3 * i])
+  local cost = tonumber(ARGV[3 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  if tat < now then tat = now end
+  local new_tat = tat + cost * interval
+  if new_tat < now then new_tat = now end
+  local room = burst
+  if cost > room then room = cost end
+  local w = new_tat - now - room * interval
+  if w > wait then wait, binding = w, i - 1 end
+  tats[i] = new_tat
+end
+if max_wait >= 0 and wait > max_wait then return {-1, binding} end
+for i = 1, #KEYS do
+  local ttl = math.ceil((tats[i] - now) / 1000) + 1000
+  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', ttl)
+end
+return {math.floor(wait), binding}
+";
+
 /// Counter: `INCRBY KEYS[1] ARGV[1]`, with `PEXPIRE ARGV[2]` when this created it.
 const ADD: &str = r"
 local n = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -83,6 +114,7 @@ struct Inner {
     delete_if_eq: Script,
     take_slot: Script,
     add: Script,
+    reserve: Script,
 }
 
 impl fmt::Debug for RedisCache {
@@ -130,6 +162,7 @@ impl RedisCache {
             delete_if_eq: Script::new(DELETE_IF_EQ),
             take_slot: Script::new(TAKE_SLOT),
             add: Script::new(ADD),
+            reserve: Script::new(RESERVE),
         });
         tokio::spawn(ping_loop(Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -379,6 +412,36 @@ impl Cache for RedisCache {
             })
             .await?;
         Ok((wait_ms >= 0).then(|| Duration::from_millis(wait_ms as u64)))
+    }
+
+    async fn reserve(
+        &self,
+        rates: &[Rate],
+        max_wait: Option<Duration>,
+    ) -> Result<Reservation, CacheError> {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let mut invocation = self.inner.reserve.prepare_invoke();
+        invocation.arg(max_wait.map_or(-1, |d| i64::try_from(micros(d)).unwrap_or(i64::MAX)));
+        for rate in rates {
+            invocation
+                .key(self.full_key(&rate.key))
+                // Fractional µs: a high token rate has an interval below one.
+                .arg(format!("{:.3}", rate.interval.as_secs_f64() * 1e6))
+                .arg(rate.burst)
+                .arg(rate.cost);
+        }
+        let (wait_us, binding): (i64, i64) = self
+            .inner
+            .query("reserve", async |c| invocation.invoke_async(c).await)
+            .await?;
+        let binding = usize::try_from(binding).unwrap_or(0);
+        Ok(match u64::try_from(wait_us) {
+            Ok(us) => Reservation::Wait {
+                wait: Duration::from_micros(us),
+                binding,
+            },
+            Err(_) => Reservation::TooLate { binding },
+        })
     }
 
     fn is_ready(&self) -> bool {
