@@ -179,6 +179,7 @@ impl FakeLlm {
         let router = Router::new()
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/models", get(models))
+            .route("/_sim/arrivals", get(arrivals))
             .fallback(not_found)
             .with_state(inner.clone());
         super::serve_fake(listener, router, inner.stop.clone(), "model");
@@ -374,6 +375,16 @@ async fn models(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response
         "data": [{ "id": "sim-model", "object": "model", "created": 0, "owned_by": "parley-sim" }],
     }))
     .into_response()
+}
+
+/// `GET /_sim/arrivals` (the fake's own, for benchmarks in another process): when every
+/// chat completion request seen so far arrived, ms since the epoch, in arrival order.
+async fn arrivals(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    if let Err(refusal) = inner.authorized(&headers) {
+        return refusal.into_response();
+    }
+    let at: Vec<i64> = inner.lock().seen.iter().map(|r| r.received_at_ms).collect();
+    axum::Json(json!({ "received_at_ms": at })).into_response()
 }
 
 async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
@@ -948,6 +959,29 @@ mod tests {
         assert_eq!(v["choices"][0]["message"]["content"], "Echo: hi (turn 1)");
         assert_eq!(llm.request_count(), 5);
         assert_eq!(llm.requests().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn arrivals_list_every_request_seen() {
+        let llm = fake(FakeLlmOptions::default()).await;
+        for q in ["a", "b"] {
+            assert_eq!(post(&llm, "sk-sim", &chat(&[q])).await.status(), 200);
+        }
+        let url = llm.base_url().replace("/v1", "/_sim/arrivals");
+        let client = reqwest::Client::new();
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+        let v: Value = client
+            .get(&url)
+            .bearer_auth("sk-sim")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let at = v["received_at_ms"].as_array().unwrap();
+        assert_eq!(at.len(), 2);
+        assert!(at[0].as_i64().unwrap() <= at[1].as_i64().unwrap());
     }
 
     #[tokio::test]
