@@ -24,7 +24,7 @@ fn setup() -> &'static (WecomCrypto, WecomBot) {
         let crypto = WecomCrypto::new(TOKEN, AES_KEY, CORP_ID).expect("valid test key");
         let bot = WecomBot {
             id: "fuzz".into(),
-            access: Default::default(),
+            policy: Default::default(),
             corp_id: CORP_ID.into(),
             corp_secret: Secret::new("s"),
             agent_id: 1000002,

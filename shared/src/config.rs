@@ -52,7 +52,7 @@ pub struct Settings {
     #[serde(default)]
     pub limits: LimitSettings,
     /// Chat bots.
-    #[serde(default, deserialize_with = "bots_with_access")]
+    #[serde(default, deserialize_with = "bots_with_policy")]
     pub bots: Vec<BotSettings>,
     /// Notification delivery.
     #[serde(default)]
@@ -388,19 +388,19 @@ impl BotSettings {
     }
 
     /// Who may use the bot.
-    pub fn access(&self) -> &BotAccess {
+    pub fn policy(&self) -> &BotPolicy {
         match self {
-            BotSettings::DingTalk(b) => &b.access,
-            BotSettings::Wecom(b) => &b.access,
-            BotSettings::WecomAibot(b) => &b.access,
+            BotSettings::DingTalk(b) => &b.policy,
+            BotSettings::Wecom(b) => &b.policy,
+            BotSettings::WecomAibot(b) => &b.policy,
         }
     }
 
-    fn access_mut(&mut self) -> &mut BotAccess {
+    fn policy_mut(&mut self) -> &mut BotPolicy {
         match self {
-            BotSettings::DingTalk(b) => &mut b.access,
-            BotSettings::Wecom(b) => &mut b.access,
-            BotSettings::WecomAibot(b) => &mut b.access,
+            BotSettings::DingTalk(b) => &mut b.policy,
+            BotSettings::Wecom(b) => &mut b.policy,
+            BotSettings::WecomAibot(b) => &mut b.policy,
         }
     }
 
@@ -414,10 +414,11 @@ impl BotSettings {
     }
 }
 
-/// Who may use a bot, and who may see its state: `[[bots]]` keys every platform has.
+/// Who may use a bot, who may see its state, and how it answers: `[[bots]]` keys every
+/// platform has.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct BotAccess {
+pub struct BotPolicy {
     /// Answer one-to-one chats. Default true.
     pub dm: bool,
     /// Answer group chats. Default true.
@@ -435,9 +436,29 @@ pub struct BotAccess {
     pub deny_reply: Option<String>,
     /// Platform user ids who may use `/status` and whose own quota is unlimited.
     pub admin_users: Vec<String>,
+    /// The model this bot asks instead of `[llm] model`.
+    pub model: Option<String>,
+    /// The system prompt of this bot instead of `[llm] system_prompt`.
+    pub system_prompt: Option<String>,
+    /// `[[bots.conversations]]`: one group's or chat's own model or system prompt.
+    pub conversations: Vec<ConversationSettings>,
 }
 
-impl Default for BotAccess {
+/// `[[bots.conversations]]`: what one conversation of a bot does differently.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationSettings {
+    /// The conversation's platform id (as in `allow_conversations`).
+    pub id: String,
+    /// The model asked in this conversation.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The system prompt in this conversation.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+}
+
+impl Default for BotPolicy {
     fn default() -> Self {
         Self {
             dm: true,
@@ -448,13 +469,16 @@ impl Default for BotAccess {
             deny_conversations: Vec::new(),
             deny_reply: None,
             admin_users: Vec::new(),
+            model: None,
+            system_prompt: None,
+            conversations: Vec::new(),
         }
     }
 }
 
-impl BotAccess {
+impl BotPolicy {
     /// The `[[bots]]` keys this holds.
-    const KEYS: [&str; 8] = [
+    const KEYS: [&str; 11] = [
         "dm",
         "groups",
         "allow_users",
@@ -463,7 +487,21 @@ impl BotAccess {
         "deny_conversations",
         "deny_reply",
         "admin_users",
+        "model",
+        "system_prompt",
+        "conversations",
     ];
+
+    /// The model and system prompt for `conversation`: its own, else the bot's, else None.
+    pub fn overrides(&self, conversation: Option<&str>) -> (Option<&str>, Option<&str>) {
+        let own = conversation.and_then(|c| self.conversations.iter().find(|o| o.id == c));
+        (
+            own.and_then(|o| o.model.as_deref())
+                .or(self.model.as_deref()),
+            own.and_then(|o| o.system_prompt.as_deref())
+                .or(self.system_prompt.as_deref()),
+        )
+    }
 
     /// Whether `user` writing in `conversation` (a group chat when `group`) is answered.
     pub fn allows(&self, user: &str, conversation: &str, group: bool) -> bool {
@@ -482,9 +520,9 @@ impl BotAccess {
     }
 }
 
-/// `[[bots]]`: each table's [`BotAccess`] keys are taken out and read first, the rest is the
+/// `[[bots]]`: each table's [`BotPolicy`] keys are taken out and read first, the rest is the
 /// platform's settings, so both keep refusing unknown keys.
-fn bots_with_access<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<BotSettings>, D::Error> {
+fn bots_with_policy<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<BotSettings>, D::Error> {
     use serde::de::Error;
     let tables = Vec::<toml::Table>::deserialize(d)?;
     tables
@@ -493,14 +531,14 @@ fn bots_with_access<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<BotSet
         .map(|(i, mut table)| {
             let fail = |e: toml::de::Error| D::Error::custom(format!("bots[{i}]: {}", e.message()));
             let mut access = toml::Table::new();
-            for key in BotAccess::KEYS {
+            for key in BotPolicy::KEYS {
                 if let Some(v) = table.remove(key) {
                     access.insert(key.to_string(), v);
                 }
             }
-            let access: BotAccess = toml::Value::Table(access).try_into().map_err(fail)?;
+            let access: BotPolicy = toml::Value::Table(access).try_into().map_err(fail)?;
             let mut bot: BotSettings = toml::Value::Table(table).try_into().map_err(fail)?;
-            *bot.access_mut() = access;
+            *bot.policy_mut() = access;
             Ok(bot)
         })
         .collect()
@@ -512,9 +550,9 @@ fn bots_with_access<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<BotSet
 pub struct DingTalkBot {
     /// Route id: callbacks arrive at `POST /dingtalk/{id}`.
     pub id: String,
-    /// Who may use the bot (the `[[bots]]` keys of [`BotAccess`], common to every platform).
+    /// Who may use the bot (the `[[bots]]` keys of [`BotPolicy`], common to every platform).
     #[serde(skip)]
-    pub access: BotAccess,
+    pub policy: BotPolicy,
     /// The app's AppKey (Client ID); also the robotCode for OpenAPI sends.
     pub app_key: String,
     /// The app's AppSecret (Client Secret): signs callbacks and fetches tokens.
@@ -590,9 +628,9 @@ impl DingTalkBot {
 pub struct WecomBot {
     /// Route id: callbacks arrive at `GET/POST /wecom/{id}`.
     pub id: String,
-    /// Who may use the bot (the `[[bots]]` keys of [`BotAccess`], common to every platform).
+    /// Who may use the bot (the `[[bots]]` keys of [`BotPolicy`], common to every platform).
     #[serde(skip)]
-    pub access: BotAccess,
+    pub policy: BotPolicy,
     /// The company's CorpID (`ww…`); also the receive id inside every encrypted message.
     pub corp_id: String,
     /// The app's Secret, for `gettoken`.
@@ -629,9 +667,9 @@ pub struct WecomBot {
 pub struct WecomAibotBot {
     /// Route id: callbacks arrive at `GET/POST /wecom/{id}`.
     pub id: String,
-    /// Who may use the bot (the `[[bots]]` keys of [`BotAccess`], common to every platform).
+    /// Who may use the bot (the `[[bots]]` keys of [`BotPolicy`], common to every platform).
     #[serde(skip)]
-    pub access: BotAccess,
+    pub policy: BotPolicy,
     /// The callback Token (signs callbacks and replies).
     pub token: Secret,
     /// The callback EncodingAESKey (43 characters); the receive id is the empty string.
@@ -755,6 +793,25 @@ impl Settings {
         self.validate_channels()?;
         let mut seen = HashSet::new();
         for (i, bot) in self.bots.iter().enumerate() {
+            let policy = bot.policy();
+            if [&policy.model, &policy.system_prompt]
+                .iter()
+                .any(|v| v.as_deref().is_some_and(|v| v.trim().is_empty()))
+            {
+                return Err(ConfigError::new(
+                    format!("bots[{i}]"),
+                    "model and system_prompt must not be empty when set",
+                ));
+            }
+            let mut conversations = HashSet::new();
+            for (j, c) in policy.conversations.iter().enumerate() {
+                if c.id.is_empty() || !conversations.insert(c.id.as_str()) {
+                    return Err(ConfigError::new(
+                        format!("bots[{i}].conversations[{j}].id"),
+                        "must be non-empty and not repeat another's",
+                    ));
+                }
+            }
             let id = bot.id();
             if id.is_empty()
                 || !id
@@ -1037,7 +1094,7 @@ app_secret = "${DT_SECRET}"
             "app_secret = \"${DT_SECRET}\"\ngroups = false\nallow_users = [\"u1\"]",
         );
         let s = Settings::from_toml(&text, env).unwrap();
-        let a = s.bots[0].access();
+        let a = s.bots[0].policy();
         assert!(a.dm && !a.groups);
         assert!(a.allows("u1", "cid", false));
         assert!(!a.allows("u2", "cid", false), "not on the allow list");

@@ -1551,7 +1551,7 @@ mod tests {
         use shared::secret::Secret;
         let bot = shared::config::WecomBot {
             id: "bot1".into(),
-            access: Default::default(),
+            policy: Default::default(),
             corp_id: SAMPLE_CORP_ID.into(),
             corp_secret: Secret::new(DEFAULT_CORP_SECRET),
             agent_id: SAMPLE_AGENT_ID,

@@ -224,3 +224,41 @@ on_both_backends!(
     the_access_policy_keeps_the_model_from_who_it_denies,
     admins_see_the_status_and_have_no_quota,
 );
+
+/// A bot's own model and a conversation's own system prompt reach the model.
+#[tokio::test]
+async fn per_bot_and_per_conversation_overrides_reach_the_model() {
+    let app = spawn_with_bot(
+        Backend::Embedded,
+        "model = \"bot-model\"\n[[bots.conversations]]\nid = \"cid-group-1==\"\nsystem_prompt = \"你是财务群的助手。\"\nmodel = \"finance-model\"",
+        "",
+    )
+    .await;
+    assert_eq!(
+        app.send(&app.group("msg-ovr-1", "报销")).await.status(),
+        200
+    );
+    assert_eq!(
+        app.send(&app.one_to_one("msg-ovr-2", "你好"))
+            .await
+            .status(),
+        200
+    );
+    app.replies(2).await;
+    let seen = app.llm.requests();
+    let group = seen
+        .iter()
+        .find(|r| r.messages.iter().any(|(_, c)| c == "报销"))
+        .unwrap();
+    assert_eq!(group.model, "finance-model");
+    assert_eq!(
+        group.messages[0],
+        ("system".into(), "你是财务群的助手。".into())
+    );
+    let single = seen
+        .iter()
+        .find(|r| r.messages.iter().any(|(_, c)| c == "你好"))
+        .unwrap();
+    assert_eq!(single.model, "bot-model");
+    assert_eq!(single.messages[0].1, "You are a test assistant.");
+}

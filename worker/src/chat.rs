@@ -9,7 +9,7 @@ use crate::settle::Outcome;
 use crate::texts;
 use async_trait::async_trait;
 use shared::cache::Cache;
-use shared::config::{BotAccess, HistorySettings, LimitSettings, LlmSettings, Settings};
+use shared::config::{BotPolicy, HistorySettings, LimitSettings, LlmSettings, Settings};
 use shared::job::{Content, Job, Platform};
 use shared::limits::{ModelLimits, Quotas};
 use shared::llm::{ChatMessage, LlmClient, Role};
@@ -30,8 +30,8 @@ pub struct ChatSettings {
     pub llm: LlmSettings,
     /// How late an answer may be; the chatters' quotas.
     pub limits: LimitSettings,
-    /// Each bot's access policy, by platform and bot id.
-    pub access: HashMap<(Platform, String), BotAccess>,
+    /// Each bot's policy (access, overrides), by platform and bot id.
+    pub policies: HashMap<(Platform, String), BotPolicy>,
 }
 
 impl ChatSettings {
@@ -42,10 +42,10 @@ impl ChatSettings {
             history: s.history.clone(),
             llm: s.llm.clone(),
             limits: s.limits.clone(),
-            access: s
+            policies: s
                 .bots
                 .iter()
-                .map(|b| ((b.platform(), b.id().to_string()), b.access().clone()))
+                .map(|b| ((b.platform(), b.id().to_string()), b.policy().clone()))
                 .collect(),
         }
     }
@@ -138,11 +138,11 @@ impl ChatHandler {
 #[async_trait]
 impl Handler for ChatHandler {
     async fn answer(&self, job: &Job, shown: Option<&Shown>) -> Result<Answer, Outcome> {
-        let access = self
+        let policy = self
             .settings
-            .access
+            .policies
             .get(&(job.platform, job.bot_id.clone()));
-        if let (Some(access), Some((group, conversation))) = (access, job.place())
+        if let (Some(access), Some((group, conversation))) = (policy, job.place())
             && !access.allows(&job.sender.id, conversation, group)
         {
             tracing::info!(
@@ -157,7 +157,7 @@ impl Handler for ChatHandler {
             let reply = access.deny_reply.as_deref().unwrap_or_default();
             return Ok(Answer::plain(reply, "denied"));
         }
-        let admin = access.is_some_and(|a| a.is_admin(&job.sender.id));
+        let admin = policy.is_some_and(|a| a.is_admin(&job.sender.id));
         let (text, quote) = match &job.content {
             Content::Unsupported { kind } => {
                 tracing::info!(kind, "unsupported message type");
@@ -183,8 +183,13 @@ impl Handler for ChatHandler {
             None => {}
         }
         let history = self.history(&history_key).await;
+        let (model, prompt) =
+            policy.map_or((None, None), |p| p.overrides(job.place().map(|(_, c)| c)));
         let mut messages = Vec::with_capacity(history.len() + 2);
-        messages.push(ChatMessage::new(Role::System, &self.settings.system_prompt));
+        messages.push(ChatMessage::new(
+            Role::System,
+            prompt.unwrap_or(&self.settings.system_prompt),
+        ));
         messages.extend(history);
         // A quoted message is context the question refers to; it is remembered with it.
         let asked = match quote {
@@ -229,8 +234,8 @@ impl Handler for ChatHandler {
         tokio::time::sleep(admission.wait).await;
         let started = Instant::now();
         let called = match shown {
-            Some(shown) => self.llm.chat_streaming(&messages, shown).await,
-            None => self.llm.chat(&messages).await,
+            Some(shown) => self.llm.chat_streaming(model, &messages, shown).await,
+            None => self.llm.chat(model, &messages).await,
         };
         match called {
             Ok(c) => {

@@ -115,17 +115,22 @@ impl LlmError {
 /// The LLM seam.
 #[async_trait]
 pub trait LlmClient: Send + Sync + fmt::Debug {
-    /// One chat completion for `messages`.
-    async fn chat(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError>;
+    /// One chat completion for `messages`, from `model` (None: the client's own).
+    async fn chat(
+        &self,
+        model: Option<&str>,
+        messages: &[ChatMessage],
+    ) -> Result<Completion, LlmError>;
 
     /// One chat completion, streamed: `shown` holds the visible text so far (reasoning
     /// removed) and is updated as it grows. The default shows the whole answer at once.
     async fn chat_streaming(
         &self,
+        model: Option<&str>,
         messages: &[ChatMessage],
         shown: &watch::Sender<String>,
     ) -> Result<Completion, LlmError> {
-        let c = self.chat(messages).await?;
+        let c = self.chat(model, messages).await?;
         shown.send_replace(c.text.clone());
         Ok(c)
     }
@@ -228,11 +233,12 @@ impl OpenAiClient {
     /// Sends one request; a transport failure is a retryable attempt.
     async fn send(
         &self,
+        model: Option<&str>,
         messages: &[ChatMessage],
         stream: bool,
     ) -> Result<reqwest::Response, Attempt> {
         let body = Request {
-            model: &self.model,
+            model: model.unwrap_or(&self.model),
             messages,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -252,8 +258,12 @@ impl OpenAiClient {
         Err(refusal(resp).await)
     }
 
-    async fn attempt(&self, messages: &[ChatMessage]) -> Result<Completion, Attempt> {
-        let resp = self.send(messages, false).await?;
+    async fn attempt(
+        &self,
+        model: Option<&str>,
+        messages: &[ChatMessage],
+    ) -> Result<Completion, Attempt> {
+        let resp = self.send(model, messages, false).await?;
         let bytes = resp.bytes().await.map_err(Attempt::transport)?;
         parse_completion(&bytes).map_err(Attempt::final_error)
     }
@@ -262,10 +272,11 @@ impl OpenAiClient {
     /// show the chatter the answer starting over.
     async fn attempt_streaming(
         &self,
+        model: Option<&str>,
         messages: &[ChatMessage],
         shown: &watch::Sender<String>,
     ) -> Result<Completion, Attempt> {
-        let mut resp = self.send(messages, true).await?;
+        let mut resp = self.send(model, messages, true).await?;
         let mut decoder = sse::SseDecoder::default();
         let mut state = stream::StreamState::default();
         let mut visible = String::new();
@@ -408,16 +419,21 @@ async fn refusal(resp: reqwest::Response) -> Attempt {
 
 #[async_trait]
 impl LlmClient for OpenAiClient {
-    async fn chat(&self, messages: &[ChatMessage]) -> Result<Completion, LlmError> {
-        self.with_retries(|| self.attempt(messages)).await
+    async fn chat(
+        &self,
+        model: Option<&str>,
+        messages: &[ChatMessage],
+    ) -> Result<Completion, LlmError> {
+        self.with_retries(|| self.attempt(model, messages)).await
     }
 
     async fn chat_streaming(
         &self,
+        model: Option<&str>,
         messages: &[ChatMessage],
         shown: &watch::Sender<String>,
     ) -> Result<Completion, LlmError> {
-        self.with_retries(|| self.attempt_streaming(messages, shown))
+        self.with_retries(|| self.attempt_streaming(model, messages, shown))
             .await
     }
 }
@@ -596,7 +612,7 @@ mod tests {
             }
             seen
         });
-        let c = client(&url).chat_streaming(&[], &tx).await.unwrap();
+        let c = client(&url).chat_streaming(None, &[], &tx).await.unwrap();
         drop(tx);
         assert_eq!((c.text.as_str(), c.prompt_tokens), ("Hello there", 4));
         assert_eq!(seen.await.unwrap(), vec!["Hello", "Hello there"]);
@@ -610,7 +626,10 @@ mod tests {
         ]])
         .await;
         let (tx, _rx) = watch::channel(String::new());
-        let e = client(&url).chat_streaming(&[], &tx).await.unwrap_err();
+        let e = client(&url)
+            .chat_streaming(None, &[], &tx)
+            .await
+            .unwrap_err();
         assert!(matches!(e, LlmError::Interrupted(_)), "{e:?}");
     }
 
@@ -625,7 +644,7 @@ mod tests {
         ])
         .await;
         let (tx, _rx) = watch::channel(String::new());
-        let c = client(&url).chat_streaming(&[], &tx).await.unwrap();
+        let c = client(&url).chat_streaming(None, &[], &tx).await.unwrap();
         assert_eq!(
             c.text, "ok",
             "the second answer, ended by its finish_reason alone"

@@ -106,7 +106,7 @@ mod tests {
     fn bot(welcome: Option<&str>) -> WecomBot {
         WecomBot {
             id: "wx".into(),
-            access: Default::default(),
+            policy: Default::default(),
             corp_id: "ww1".into(),
             corp_secret: Secret::new("s"),
             agent_id: 1000002,
