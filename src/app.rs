@@ -12,7 +12,7 @@ use shared::cache::redis::RedisCache;
 use shared::cache::{Cache, MemoryCache};
 use shared::config::{BotSettings, ChannelSettings, QueueSettings, Settings};
 use shared::job::Platform;
-use shared::llm::{LlmClient, OpenAiClient};
+use shared::llm::{LlmClient, Upstreams};
 use shared::platform::Messenger;
 use shared::platform::dingtalk::client::DingTalkMessenger;
 use shared::platform::robots::messenger::RobotMessenger;
@@ -355,7 +355,7 @@ fn build_workers(settings: &Settings, backends: &Backends) -> anyhow::Result<Vec
         messengers.insert((bot.platform(), bot.id().to_string()), m);
     }
     let llm: Arc<dyn LlmClient> =
-        Arc::new(OpenAiClient::new(&settings.llm).context("building the model client")?);
+        Arc::new(Upstreams::new(&settings.llm).context("building the model client")?);
     let chat = Engine::new(
         EngineSettings::chat(settings),
         backends.chat.queue.clone(),

@@ -61,7 +61,7 @@ VALUES = {
         {"ok", "timeout", "network", "rate_limited", "quota_exhausted", "server_error",
          "refused", "malformed"},
         ["shared/src"]),
-    ("parley_llm_tokens_total", "kind"): ({"prompt", "completion"}, ["shared/src"]),
+    ("parley_llm_tokens_total", "kind"): ({"prompt", "completion"}, ["worker/src"]),
     ("parley_platform_requests_total", "platform"): (
         {"dingtalk", "wecom", "dingtalk_robot", "wecom_robot"},
         ["shared/src"]),

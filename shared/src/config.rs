@@ -239,7 +239,9 @@ impl Default for CacheSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlmSettings {
-    /// Base URL; `/chat/completions` is appended (e.g. `https://api.openai.com/v1`).
+    /// Base URL; `/chat/completions` is appended (e.g. `https://api.openai.com/v1`). The
+    /// one-upstream form: required unless `[[llm.upstreams]]` are given.
+    #[serde(default)]
     pub base_url: String,
     /// Bearer key; may be empty for local servers that need none.
     #[serde(default)]
@@ -272,10 +274,78 @@ pub struct LlmSettings {
     /// Optional sampling temperature (0–2).
     #[serde(default)]
     pub temperature: Option<f32>,
+    /// `[[llm.upstreams]]`: the model endpoints in order of preference; the first healthy
+    /// one serves a call. Empty (default) = one, from `base_url`, `api_key` and `model`.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamSettings>,
+    /// Seconds an upstream's circuit stays open after repeated failures before one call
+    /// probes it again. Default 30.
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_secs: u64,
+}
+
+impl LlmSettings {
+    /// The upstreams in order: the configured ones, or the one of `base_url`, `api_key` and
+    /// `model` (named "default").
+    pub fn upstream_list(&self) -> Vec<UpstreamSettings> {
+        if !self.upstreams.is_empty() {
+            return self.upstreams.clone();
+        }
+        vec![UpstreamSettings {
+            name: "default".into(),
+            base_url: self.base_url.clone(),
+            api_key: self.api_key.clone(),
+            model: None,
+            kind: UpstreamKind::OpenAi,
+            api_version: None,
+            timeout_secs: None,
+        }]
+    }
+}
+
+/// `[[llm.upstreams]]`: one model endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// Name in logs, metrics, `/status` and a bot's `upstream`.
+    pub name: String,
+    /// Base URL: `…/v1` for `openai`, the resource (`https://NAME.openai.azure.com`) for
+    /// `azure`.
+    pub base_url: String,
+    /// Key: a bearer token (`openai`) or the `api-key` header (`azure`).
+    #[serde(default)]
+    pub api_key: Secret,
+    /// Model (Azure: the deployment); default `[llm] model`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// `openai` (default: any OpenAI-compatible endpoint) or `azure`.
+    #[serde(default)]
+    pub kind: UpstreamKind,
+    /// Azure's `api-version`; default 2024-10-21.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Timeout of one call to it, seconds; default `[llm] timeout_secs`.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// The request shape an upstream speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum UpstreamKind {
+    /// `{base_url}/chat/completions`, `Authorization: Bearer`.
+    #[default]
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// `{base_url}/openai/deployments/{model}/chat/completions?api-version=…`, `api-key`.
+    #[serde(rename = "azure")]
+    Azure,
 }
 
 fn default_system_prompt() -> String {
     "You are a helpful assistant in a workplace chat. Answer concisely.".into()
+}
+fn default_breaker_cooldown() -> u64 {
+    30
 }
 fn default_rpm() -> u32 {
     600
@@ -440,8 +510,21 @@ pub struct BotPolicy {
     pub model: Option<String>,
     /// The system prompt of this bot instead of `[llm] system_prompt`.
     pub system_prompt: Option<String>,
+    /// The `[[llm.upstreams]]` name this bot asks first (the others stay its failover).
+    pub upstream: Option<String>,
     /// `[[bots.conversations]]`: one group's or chat's own model or system prompt.
     pub conversations: Vec<ConversationSettings>,
+}
+
+/// What a bot or one of its conversations asks differently from `[llm]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overrides<'a> {
+    /// The model.
+    pub model: Option<&'a str>,
+    /// The system prompt.
+    pub system_prompt: Option<&'a str>,
+    /// The upstream asked first.
+    pub upstream: Option<&'a str>,
 }
 
 /// `[[bots.conversations]]`: what one conversation of a bot does differently.
@@ -456,6 +539,9 @@ pub struct ConversationSettings {
     /// The system prompt in this conversation.
     #[serde(default)]
     pub system_prompt: Option<String>,
+    /// The upstream asked first in this conversation.
+    #[serde(default)]
+    pub upstream: Option<String>,
 }
 
 impl Default for BotPolicy {
@@ -471,6 +557,7 @@ impl Default for BotPolicy {
             admin_users: Vec::new(),
             model: None,
             system_prompt: None,
+            upstream: None,
             conversations: Vec::new(),
         }
     }
@@ -478,7 +565,7 @@ impl Default for BotPolicy {
 
 impl BotPolicy {
     /// The `[[bots]]` keys this holds.
-    const KEYS: [&str; 11] = [
+    const KEYS: [&str; 12] = [
         "dm",
         "groups",
         "allow_users",
@@ -489,18 +576,25 @@ impl BotPolicy {
         "admin_users",
         "model",
         "system_prompt",
+        "upstream",
         "conversations",
     ];
 
-    /// The model and system prompt for `conversation`: its own, else the bot's, else None.
-    pub fn overrides(&self, conversation: Option<&str>) -> (Option<&str>, Option<&str>) {
+    /// The model, system prompt and upstream for `conversation`: its own, else the bot's,
+    /// else None.
+    pub fn overrides(&self, conversation: Option<&str>) -> Overrides<'_> {
         let own = conversation.and_then(|c| self.conversations.iter().find(|o| o.id == c));
-        (
-            own.and_then(|o| o.model.as_deref())
+        Overrides {
+            model: own
+                .and_then(|o| o.model.as_deref())
                 .or(self.model.as_deref()),
-            own.and_then(|o| o.system_prompt.as_deref())
+            system_prompt: own
+                .and_then(|o| o.system_prompt.as_deref())
                 .or(self.system_prompt.as_deref()),
-        )
+            upstream: own
+                .and_then(|o| o.upstream.as_deref())
+                .or(self.upstream.as_deref()),
+        }
     }
 
     /// Whether `user` writing in `conversation` (a group chat when `group`) is answered.
@@ -732,7 +826,19 @@ impl Settings {
 
     /// Checks values serde cannot: ranges, URLs, unique bot ids.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_http_url("llm.base_url", &self.llm.base_url)?;
+        if self.llm.upstreams.is_empty() {
+            check_http_url("llm.base_url", &self.llm.base_url)?;
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.llm.upstreams.iter().enumerate() {
+            check_http_url(&format!("llm.upstreams[{i}].base_url"), &u.base_url)?;
+            if u.name.trim().is_empty() || !names.insert(u.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("llm.upstreams[{i}].name"),
+                    "must be non-empty and differ from the other upstreams' names",
+                ));
+            }
+        }
         if self.llm.model.trim().is_empty() {
             return Err(ConfigError::new("llm.model", "must not be empty"));
         }
@@ -801,6 +907,18 @@ impl Settings {
                 return Err(ConfigError::new(
                     format!("bots[{i}]"),
                     "model and system_prompt must not be empty when set",
+                ));
+            }
+            let upstreams = self.llm.upstream_list();
+            let known = |u: &Option<String>| {
+                u.as_deref()
+                    .is_none_or(|u| upstreams.iter().any(|x| x.name == u))
+            };
+            if !known(&policy.upstream) || !policy.conversations.iter().all(|c| known(&c.upstream))
+            {
+                return Err(ConfigError::new(
+                    format!("bots[{i}].upstream"),
+                    "names no [[llm.upstreams]] entry",
                 ));
             }
             let mut conversations = HashSet::new();

@@ -27,10 +27,12 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     /// Model calls by outcome (`ok`, `rate_limited`, `server_error`, `timeout`, …).
     pub llm_requests: IntCounterVec,
-    /// Duration of successful model calls.
+    /// Duration of successful model calls, by upstream.
     pub llm_duration: HistogramVec,
-    /// Tokens reported by the model, by kind (`prompt`, `completion`).
+    /// Tokens reported by the model, by bot, upstream and kind (`prompt`, `completion`).
     pub llm_tokens: IntCounterVec,
+    /// `parley_llm_breaker_state{upstream}`: 0 closed, 1 open, 2 half-open (probing).
+    pub llm_breaker: IntGaugeVec,
     /// Calls to platform APIs by platform, api and outcome.
     pub platform_requests: IntCounterVec,
     /// Access-token fetches by platform.
@@ -153,15 +155,21 @@ impl Metrics {
             llm_duration: histogram(
                 &r,
                 "parley_llm_duration_seconds",
-                "Duration of successful model calls.",
-                &[],
+                "Duration of successful model calls, by upstream.",
+                &["upstream"],
                 slow,
             ),
             llm_tokens: counter(
                 &r,
                 "parley_llm_tokens_total",
-                "Tokens reported by the model, by kind.",
-                &["kind"],
+                "Tokens reported by the model, by bot, upstream and kind (prompt, completion).",
+                &["bot", "upstream", "kind"],
+            ),
+            llm_breaker: gauge_vec(
+                &r,
+                "parley_llm_breaker_state",
+                "Each model upstream's circuit breaker: 0 closed, 1 open (skipped), 2 half-open (one probe).",
+                &["upstream"],
             ),
             platform_requests: counter(
                 &r,

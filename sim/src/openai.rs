@@ -179,6 +179,10 @@ impl FakeLlm {
         let router = Router::new()
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/models", get(models))
+            .route(
+                "/openai/deployments/{deployment}/chat/completions",
+                post(azure_chat_completions),
+            )
             .route("/_sim/arrivals", get(arrivals))
             .fallback(not_found)
             .with_state(inner.clone());
@@ -321,14 +325,52 @@ async fn chat_completions(
     if let Err(refusal) = inner.authorized(&headers) {
         return refusal.into_response();
     }
-    let req = match parse_request(&body) {
+    complete(inner, n, &body, None).await
+}
+
+/// Azure OpenAI's route: `POST /openai/deployments/{deployment}/chat/completions
+/// ?api-version=…` with the key in an `api-key` header; the deployment is the model.
+async fn azure_chat_completions(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Path(deployment): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let n = inner.count.fetch_add(1, Ordering::SeqCst) + 1;
+    let key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    if key != Some(inner.api_key.as_str()) {
+        let body = json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}});
+        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    }
+    if query.get("api-version").is_none_or(|v| v.is_empty()) {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "Resource not found",
+            "invalid_request_error",
+            None,
+            Some("404"),
+        )
+        .into_response();
+    }
+    complete(inner, n, &body, Some(deployment)).await
+}
+
+/// Answers the `n`-th request, already authorized; `deployment` is Azure's model.
+async fn complete(
+    inner: Arc<Inner>,
+    n: usize,
+    body: &[u8],
+    deployment: Option<String>,
+) -> Response {
+    let req = match parse_request(body) {
         Ok(req) => req,
         Err(refusal) => return refusal.into_response(),
     };
     let latency = {
         let mut state = inner.lock();
         state.seen.push(ChatRequestSeen {
-            model: req.model.clone(),
+            model: deployment.unwrap_or_else(|| req.model.clone()),
             messages: req.messages.clone(),
             stream: req.stream,
             received_at_ms: shared::now_ms(),
@@ -346,7 +388,7 @@ async fn chat_completions(
         };
         let outcome = if let Some((status, retry_after)) = state.failures.pop_front() {
             Outcome::Fail(status, retry_after)
-        } else if state.fail_every > 0 && n % state.fail_every == 0 {
+        } else if state.fail_every > 0 && n.is_multiple_of(state.fail_every) {
             Outcome::Fail(500, None)
         } else if let Some(fault) = state.stream_faults.pop_front() {
             // The failed attempt only shows the answer: a retry must still get all of it.

@@ -357,6 +357,12 @@ admin_listen = "127.0.0.1:0"
             },
             fakes = stack.config_toml(),
         );
+        // `[[llm.upstreams]]` in `opts.llm` name the stack's fake model as {LLM} (its `/v1`
+        // base) or {LLM_ROOT} (the server itself, as an Azure resource).
+        let root = llm.base_url().trim_end_matches("/v1").to_string();
+        let toml = toml
+            .replace("{LLM}", &llm.base_url())
+            .replace("{LLM_ROOT}", &root);
         let settings = Settings::from_toml(&toml, |_| None).unwrap();
         let topology = (backend == Backend::Brokers)
             .then(|| BrokerTopology::of(&settings, opts.amqp_url.as_deref().unwrap_or(AMQP_URL)));

@@ -262,3 +262,97 @@ async fn per_bot_and_per_conversation_overrides_reach_the_model() {
     assert_eq!(single.model, "bot-model");
     assert_eq!(single.messages[0].1, "You are a test assistant.");
 }
+
+/// The primary upstream failing: answers come from the second; after five failed calls the
+/// primary's breaker opens and it is no longer asked; after the cool-down one call probes
+/// it and, as it answers again, it serves once more.
+#[tokio::test]
+async fn a_failing_upstream_is_skipped_and_taken_back_when_it_recovers() {
+    let backup = sim::FakeLlm::start(
+        "127.0.0.1:0".parse().unwrap(),
+        sim::FakeLlmOptions {
+            api_key: "sk-backup-123456".into(),
+            ..sim::FakeLlmOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The stack's fake model is the primary; its URL and key are the stack's.
+    let app = TestApp::spawn_opts(Options {
+        llm: format!(
+            "breaker_cooldown_secs = 2\n\
+             [[llm.upstreams]]\nname = \"e2e-primary\"\nbase_url = \"{{LLM}}\"\napi_key = \"{API_KEY}\"\n\
+             [[llm.upstreams]]\nname = \"e2e-backup\"\nbase_url = \"{}\"\napi_key = \"sk-backup-123456\"\nmodel = \"backup-model\"\n",
+            backup.base_url()
+        ),
+        ..Options::default()
+    })
+    .await;
+    // Every attempt of five calls (each tried 3 times: max_retries = 2) fails.
+    for _ in 0..15 {
+        app.llm.push_failure(503, None);
+    }
+    let ask = |i: usize| app.one_to_one(&format!("msg-up-{i}"), &format!("问题 {i}"));
+    for i in 0..5 {
+        assert_eq!(app.send(&ask(i)).await.status(), 200);
+        app.replies(i + 1).await;
+    }
+    assert_eq!(app.llm.request_count(), 15);
+    assert_eq!(backup.request_count(), 5);
+    assert!(backup.requests().iter().all(|r| r.model == "backup-model"));
+    assert!(
+        app.metrics()
+            .await
+            .contains("parley_llm_breaker_state{upstream=\"e2e-primary\"} 1")
+    );
+    for i in 5..8 {
+        assert_eq!(app.send(&ask(i)).await.status(), 200);
+        app.replies(i + 1).await;
+    }
+    assert_eq!(
+        app.llm.request_count(),
+        15,
+        "the open breaker skips the primary"
+    );
+    assert_eq!(backup.request_count(), 8);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    for i in 8..10 {
+        assert_eq!(app.send(&ask(i)).await.status(), 200);
+        app.replies(i + 1).await;
+    }
+    assert_eq!(app.llm.request_count(), 17, "probed, closed, serving again");
+    assert_eq!(backup.request_count(), 8);
+    let replies = app.replies(10).await;
+    assert!(
+        replies.iter().all(|r| r.content.starts_with("Echo: ")),
+        "{replies:#?}"
+    );
+    assert!(
+        app.metrics()
+            .await
+            .contains("parley_llm_breaker_state{upstream=\"e2e-primary\"} 0")
+    );
+    backup.shutdown();
+}
+
+/// An Azure upstream gets Azure's request: the deployment in the path, `api-version` in the
+/// query, the key in `api-key`.
+#[tokio::test]
+async fn an_azure_upstream_gets_azures_request_shape() {
+    let app = TestApp::spawn_opts(Options {
+        llm: format!(
+            "[[llm.upstreams]]\nname = \"e2e-azure\"\nkind = \"azure\"\nbase_url = \"{{LLM_ROOT}}\"\n\
+             api_key = \"{API_KEY}\"\nmodel = \"gpt4o-prod\"\napi_version = \"2024-10-21\"\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        app.send(&app.one_to_one("msg-az-1", "你好")).await.status(),
+        200
+    );
+    assert_eq!(app.replies(1).await[0].content, "Echo: 你好 (turn 1)");
+    let seen = app.llm.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].model, "gpt4o-prod", "the deployment from the path");
+}

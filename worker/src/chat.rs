@@ -12,7 +12,7 @@ use shared::cache::Cache;
 use shared::config::{BotPolicy, HistorySettings, LimitSettings, LlmSettings, Settings};
 use shared::job::{Content, Job, Platform};
 use shared::limits::{ModelLimits, Quotas};
-use shared::llm::{ChatMessage, LlmClient, Role};
+use shared::llm::{ChatMessage, LlmClient, Role, Route};
 use shared::platform::looks_like_markdown;
 use std::collections::HashMap;
 use std::fmt;
@@ -81,7 +81,7 @@ impl ChatHandler {
     }
 
     /// `/status` for a bot's admins: the deployment's model limits, how long a new call
-    /// would wait for them now, and the chatters' quotas.
+    /// would wait for them now, the chatters' quotas and the upstreams' health.
     async fn status(&self) -> String {
         let (llm, limits) = (&self.settings.llm, &self.settings.limits);
         let off = |n: u64| match n {
@@ -92,9 +92,16 @@ impl ChatHandler {
             Ok(w) => format!("{:.1} s", w.as_secs_f64()),
             Err(e) => format!("unknown ({e})"),
         };
+        let upstreams: Vec<String> = self
+            .llm
+            .health()
+            .into_iter()
+            .map(|(name, state)| format!("{name} {state}"))
+            .collect();
         format!(
             "model {}: requests/min {}, tokens/min {}; a new call would wait {wait} \
-             (busy beyond {} s)\nper chatter: messages/min {}, messages/day {}, tokens/day {}",
+             (busy beyond {} s)\nper chatter: messages/min {}, messages/day {}, tokens/day {}\n\
+             upstreams: {}",
             llm.model,
             off(u64::from(llm.requests_per_minute)),
             off(u64::from(llm.tokens_per_minute)),
@@ -102,6 +109,7 @@ impl ChatHandler {
             off(u64::from(limits.user_messages_per_minute)),
             off(u64::from(limits.user_messages_per_day)),
             off(limits.user_tokens_per_day),
+            upstreams.join(", "),
         )
     }
 
@@ -183,12 +191,19 @@ impl Handler for ChatHandler {
             None => {}
         }
         let history = self.history(&history_key).await;
-        let (model, prompt) =
-            policy.map_or((None, None), |p| p.overrides(job.place().map(|(_, c)| c)));
+        let overrides = policy.map_or_else(Default::default, |p| {
+            p.overrides(job.place().map(|(_, c)| c))
+        });
+        let route = Route {
+            model: overrides.model,
+            upstream: overrides.upstream,
+        };
         let mut messages = Vec::with_capacity(history.len() + 2);
         messages.push(ChatMessage::new(
             Role::System,
-            prompt.unwrap_or(&self.settings.system_prompt),
+            overrides
+                .system_prompt
+                .unwrap_or(&self.settings.system_prompt),
         ));
         messages.extend(history);
         // A quoted message is context the question refers to; it is remembered with it.
@@ -234,13 +249,22 @@ impl Handler for ChatHandler {
         tokio::time::sleep(admission.wait).await;
         let started = Instant::now();
         let called = match shown {
-            Some(shown) => self.llm.chat_streaming(model, &messages, shown).await,
-            None => self.llm.chat(model, &messages).await,
+            Some(shown) => self.llm.chat_streaming(route, &messages, shown).await,
+            None => self.llm.chat(route, &messages).await,
         };
         match called {
             Ok(c) => {
                 tracing::debug!(ms = started.elapsed().as_millis() as u64, "model answered");
                 let used = c.prompt_tokens + c.completion_tokens;
+                let tokens = &shared::metrics::get().llm_tokens;
+                for (kind, n) in [
+                    ("prompt", c.prompt_tokens),
+                    ("completion", c.completion_tokens),
+                ] {
+                    tokens
+                        .with_label_values(&[job.bot_id.as_str(), c.upstream.as_str(), kind])
+                        .inc_by(n);
+                }
                 self.limits.settle(&admission, used).await;
                 self.quotas
                     .charge_tokens(&chatter, if used > 0 { used } else { admission.tokens })

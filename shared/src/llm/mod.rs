@@ -10,8 +10,14 @@
 
 pub mod sse;
 pub mod stream;
+pub mod upstreams;
 
-use crate::config::LlmSettings;
+pub use upstreams::Upstreams;
+
+/// Azure OpenAI's `api-version` when an upstream does not set one.
+const AZURE_API_VERSION: &str = "2024-10-21";
+
+use crate::config::{LlmSettings, UpstreamKind, UpstreamSettings};
 use crate::secret::Secret;
 use async_trait::async_trait;
 use rand::Rng;
@@ -19,6 +25,15 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// How one call is asked, when not as `[llm]` says: another model, another upstream first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// The model (Azure: the deployment) instead of the upstream's own.
+    pub model: Option<&'a str>,
+    /// The `[[llm.upstreams]]` name to ask first; the others remain the failover.
+    pub upstream: Option<&'a str>,
+}
 
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +75,8 @@ pub struct Completion {
     pub prompt_tokens: u64,
     /// Completion tokens, if reported.
     pub completion_tokens: u64,
+    /// The upstream that answered (empty when a single client answered).
+    pub upstream: String,
 }
 
 /// Why the model gave no answer.
@@ -115,31 +132,40 @@ impl LlmError {
 /// The LLM seam.
 #[async_trait]
 pub trait LlmClient: Send + Sync + fmt::Debug {
-    /// One chat completion for `messages`, from `model` (None: the client's own).
+    /// One chat completion for `messages`, asked as `route` says.
     async fn chat(
         &self,
-        model: Option<&str>,
+        route: Route<'_>,
         messages: &[ChatMessage],
     ) -> Result<Completion, LlmError>;
+
+    /// Each upstream's name and health ("healthy", "open", "probing"), for `/status`.
+    fn health(&self) -> Vec<(String, &'static str)> {
+        Vec::new()
+    }
 
     /// One chat completion, streamed: `shown` holds the visible text so far (reasoning
     /// removed) and is updated as it grows. The default shows the whole answer at once.
     async fn chat_streaming(
         &self,
-        model: Option<&str>,
+        route: Route<'_>,
         messages: &[ChatMessage],
         shown: &watch::Sender<String>,
     ) -> Result<Completion, LlmError> {
-        let c = self.chat(model, messages).await?;
+        let c = self.chat(route, messages).await?;
         shown.send_replace(c.text.clone());
         Ok(c)
     }
 }
 
-/// Client for any OpenAI-compatible `/chat/completions` endpoint.
+/// Client for one upstream: any OpenAI-compatible `/chat/completions` endpoint, or Azure
+/// OpenAI's deployment route.
 pub struct OpenAiClient {
     http: reqwest::Client,
-    url: String,
+    name: String,
+    kind: UpstreamKind,
+    base_url: String,
+    api_version: String,
     api_key: Secret,
     model: String,
     max_tokens: Option<u32>,
@@ -150,7 +176,8 @@ pub struct OpenAiClient {
 impl fmt::Debug for OpenAiClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiClient")
-            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
             .field("model", &self.model)
             .finish_non_exhaustive()
     }
@@ -209,21 +236,37 @@ struct Attempt {
 }
 
 impl OpenAiClient {
-    /// A client for `[llm]`.
+    /// A client for the first upstream of `[llm]`.
     pub fn new(settings: &LlmSettings) -> Result<Self, reqwest::Error> {
+        let first = settings.upstream_list().remove(0);
+        Self::for_upstream(&first, settings)
+    }
+
+    /// A client for `upstream`, with `[llm]`'s defaults for what it does not set.
+    pub fn for_upstream(
+        upstream: &UpstreamSettings,
+        settings: &LlmSettings,
+    ) -> Result<Self, reqwest::Error> {
+        let timeout = upstream.timeout_secs.unwrap_or(settings.timeout_secs);
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(settings.timeout_secs))
+            .timeout(Duration::from_secs(timeout))
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(settings.max_concurrency)
             .build()?;
         Ok(Self {
             http,
-            url: format!(
-                "{}/chat/completions",
-                settings.base_url.trim_end_matches('/')
-            ),
-            api_key: settings.api_key.clone(),
-            model: settings.model.clone(),
+            name: upstream.name.clone(),
+            kind: upstream.kind,
+            base_url: upstream.base_url.trim_end_matches('/').to_string(),
+            api_version: upstream
+                .api_version
+                .clone()
+                .unwrap_or_else(|| AZURE_API_VERSION.into()),
+            api_key: upstream.api_key.clone(),
+            model: upstream
+                .model
+                .clone()
+                .unwrap_or_else(|| settings.model.clone()),
             max_tokens: settings.max_tokens,
             temperature: settings.temperature,
             max_retries: settings.max_retries,
@@ -237,8 +280,9 @@ impl OpenAiClient {
         messages: &[ChatMessage],
         stream: bool,
     ) -> Result<reqwest::Response, Attempt> {
+        let model = model.unwrap_or(&self.model);
         let body = Request {
-            model: model.unwrap_or(&self.model),
+            model,
             messages,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -247,10 +291,26 @@ impl OpenAiClient {
                 include_usage: true,
             }),
         };
-        let mut req = self.http.post(&self.url).json(&body);
-        if !self.api_key.is_empty() {
-            req = req.bearer_auth(self.api_key.expose());
-        }
+        let mut req = match self.kind {
+            UpstreamKind::OpenAi => {
+                let req = self
+                    .http
+                    .post(format!("{}/chat/completions", self.base_url));
+                match self.api_key.is_empty() {
+                    true => req,
+                    false => req.bearer_auth(self.api_key.expose()),
+                }
+            }
+            UpstreamKind::Azure => self
+                .http
+                .post(format!(
+                    "{}/openai/deployments/{model}/chat/completions",
+                    self.base_url
+                ))
+                .query(&[("api-version", self.api_version.as_str())])
+                .header("api-key", self.api_key.expose()),
+        };
+        req = req.json(&body);
         let resp = req.send().await.map_err(Attempt::transport)?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -338,15 +398,12 @@ impl OpenAiClient {
                 Ok(c) => {
                     m.llm_requests.with_label_values(&["ok"]).inc();
                     m.llm_duration
-                        .with_label_values(&[] as &[&str])
+                        .with_label_values(&[self.name.as_str()])
                         .observe(started.elapsed().as_secs_f64());
-                    m.llm_tokens
-                        .with_label_values(&["prompt"])
-                        .inc_by(c.prompt_tokens);
-                    m.llm_tokens
-                        .with_label_values(&["completion"])
-                        .inc_by(c.completion_tokens);
-                    return Ok(c);
+                    return Ok(Completion {
+                        upstream: self.name.clone(),
+                        ..c
+                    });
                 }
                 Err(a) => {
                     m.llm_requests.with_label_values(&[a.error.outcome()]).inc();
@@ -421,19 +478,20 @@ async fn refusal(resp: reqwest::Response) -> Attempt {
 impl LlmClient for OpenAiClient {
     async fn chat(
         &self,
-        model: Option<&str>,
+        route: Route<'_>,
         messages: &[ChatMessage],
     ) -> Result<Completion, LlmError> {
-        self.with_retries(|| self.attempt(model, messages)).await
+        self.with_retries(|| self.attempt(route.model, messages))
+            .await
     }
 
     async fn chat_streaming(
         &self,
-        model: Option<&str>,
+        route: Route<'_>,
         messages: &[ChatMessage],
         shown: &watch::Sender<String>,
     ) -> Result<Completion, LlmError> {
-        self.with_retries(|| self.attempt_streaming(model, messages, shown))
+        self.with_retries(|| self.attempt_streaming(route.model, messages, shown))
             .await
     }
 }
@@ -465,6 +523,7 @@ fn parse_completion(bytes: &[u8]) -> Result<Completion, LlmError> {
         completion_tokens: 0,
     });
     Ok(Completion {
+        upstream: String::new(),
         text,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
@@ -483,11 +542,18 @@ fn trimmed(message: &str) -> String {
     crate::split::truncate_bytes(message, 200).to_string()
 }
 
-/// The delay the server asked for, if it is sane (0 < d ≤ 120 s).
+/// The delay the server asked for, if it is sane (0 < d ≤ 120 s): `retry-after-ms`,
+/// `Retry-After` (seconds), else the later of OpenAI's `x-ratelimit-reset-requests` and
+/// `x-ratelimit-reset-tokens` (`1s`, `6m0s`, `20ms`).
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let d = if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         Duration::from_secs_f64(ms / 1000.0)
+    } else if get("retry-after").is_none() {
+        ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+            .iter()
+            .filter_map(|h| get(h).and_then(reset_duration))
+            .max()?
     } else {
         let secs = get("retry-after")?.trim().parse::<f64>().ok()?;
         if !secs.is_finite() || secs < 0.0 {
@@ -496,6 +562,35 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         Duration::from_secs_f64(secs)
     };
     (d > Duration::ZERO && d <= Duration::from_secs(120)).then_some(d)
+}
+
+/// A duration as OpenAI's reset headers write it: numbers with `h`, `m`, `s` or `ms`.
+fn reset_duration(v: &str) -> Option<Duration> {
+    let mut total = 0.0f64;
+    let mut rest = v.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (0.001, 2)
+        } else {
+            match rest.chars().next()? {
+                'h' => (3600.0, 1),
+                'm' => (60.0, 1),
+                's' => (1.0, 1),
+                _ => return None,
+            }
+        };
+        total += value * unit;
+        rest = &rest[len..];
+    }
+    total.is_finite().then(|| Duration::from_secs_f64(total))
 }
 
 /// min(0.5·2ⁿ, 8) s, minus up to 25 % jitter.
@@ -557,6 +652,16 @@ mod tests {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert("retry-after", "600".parse().unwrap());
         assert_eq!(retry_after(&h), None);
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("x-ratelimit-reset-requests", "1s".parse().unwrap());
+        h.insert("x-ratelimit-reset-tokens", "6m0s".parse().unwrap());
+        assert_eq!(retry_after(&h), None, "beyond 120 s");
+        h.insert("x-ratelimit-reset-tokens", "1.5s".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        h.insert("x-ratelimit-reset-requests", "20ms".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        assert_eq!(reset_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(reset_duration("soon"), None);
         assert!(backoff(10) <= Duration::from_secs(8));
     }
 
@@ -612,7 +717,10 @@ mod tests {
             }
             seen
         });
-        let c = client(&url).chat_streaming(None, &[], &tx).await.unwrap();
+        let c = client(&url)
+            .chat_streaming(Route::default(), &[], &tx)
+            .await
+            .unwrap();
         drop(tx);
         assert_eq!((c.text.as_str(), c.prompt_tokens), ("Hello there", 4));
         assert_eq!(seen.await.unwrap(), vec!["Hello", "Hello there"]);
@@ -627,7 +735,7 @@ mod tests {
         .await;
         let (tx, _rx) = watch::channel(String::new());
         let e = client(&url)
-            .chat_streaming(None, &[], &tx)
+            .chat_streaming(Route::default(), &[], &tx)
             .await
             .unwrap_err();
         assert!(matches!(e, LlmError::Interrupted(_)), "{e:?}");
@@ -644,7 +752,10 @@ mod tests {
         ])
         .await;
         let (tx, _rx) = watch::channel(String::new());
-        let c = client(&url).chat_streaming(None, &[], &tx).await.unwrap();
+        let c = client(&url)
+            .chat_streaming(Route::default(), &[], &tx)
+            .await
+            .unwrap();
         assert_eq!(
             c.text, "ok",
             "the second answer, ended by its finish_reason alone"

@@ -100,6 +100,7 @@ impl StreamState {
             return Err(LlmError::Malformed("empty answer".into()));
         }
         Ok(Completion {
+            upstream: String::new(),
             text,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
