@@ -278,6 +278,10 @@ pub struct LlmSettings {
     /// one serves a call. Empty (default) = one, from `base_url`, `api_key` and `model`.
     #[serde(default)]
     pub upstreams: Vec<UpstreamSettings>,
+    /// A proxy every upstream is reached through unless it has its own: `http://`,
+    /// `https://` or `socks5://` (credentials in the URL allowed).
+    #[serde(default)]
+    pub proxy: Option<Secret>,
     /// Seconds an upstream's circuit stays open after repeated failures before one call
     /// probes it again. Default 30.
     #[serde(default = "default_breaker_cooldown")]
@@ -299,6 +303,7 @@ impl LlmSettings {
             kind: UpstreamKind::OpenAi,
             api_version: None,
             timeout_secs: None,
+            proxy: None,
         }]
     }
 }
@@ -327,6 +332,10 @@ pub struct UpstreamSettings {
     /// Timeout of one call to it, seconds; default `[llm] timeout_secs`.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// The proxy it is reached through (`http://`, `https://`, `socks5://`); default
+    /// `[llm] proxy`.
+    #[serde(default)]
+    pub proxy: Option<Secret>,
 }
 
 /// The request shape an upstream speaks.
@@ -829,8 +838,23 @@ impl Settings {
         if self.llm.upstreams.is_empty() {
             check_http_url("llm.base_url", &self.llm.base_url)?;
         }
+        let proxy_ok = |key: String, p: &Option<Secret>| match p {
+            Some(p)
+                if !["http://", "https://", "socks5://", "socks5h://"]
+                    .iter()
+                    .any(|s| p.expose().starts_with(s)) =>
+            {
+                Err(ConfigError::new(
+                    key,
+                    "must start with http://, https://, socks5:// or socks5h://",
+                ))
+            }
+            _ => Ok(()),
+        };
+        proxy_ok("llm.proxy".into(), &self.llm.proxy)?;
         let mut names = HashSet::new();
         for (i, u) in self.llm.upstreams.iter().enumerate() {
+            proxy_ok(format!("llm.upstreams[{i}].proxy"), &u.proxy)?;
             check_http_url(&format!("llm.upstreams[{i}].base_url"), &u.base_url)?;
             if u.name.trim().is_empty() || !names.insert(u.name.as_str()) {
                 return Err(ConfigError::new(
@@ -1236,6 +1260,9 @@ app_secret = "${DT_SECRET}"
         let text = MINIMAL.replace("model = \"m\"", "model = \"m\"\nmax_concurrency = 0");
         let err = Settings::from_toml(&text, env).unwrap_err().to_string();
         assert!(err.starts_with("config: llm.max_concurrency:"), "{err}");
+        let text = MINIMAL.replace("model = \"m\"", "model = \"m\"\nproxy = \"ftp://proxy:21\"");
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.starts_with("config: llm.proxy:"), "{err}");
         let text = format!("{MINIMAL}\n[limits]\nmax_wait_secs = 0\n");
         let err = Settings::from_toml(&text, env).unwrap_err().to_string();
         assert!(err.starts_with("config: limits.max_wait_secs:"), "{err}");

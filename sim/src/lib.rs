@@ -6,7 +6,8 @@
 //! callbacks, stream refreshes paced like WeCom's, the one-shot `response_url`),
 //! [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint (with paced SSE
 //! streams and scripted mid-stream faults), [`FakeRobots`] the group-robot webhooks
-//! notifications go to; [`FakeStack`] starts the ones asked for together with a configuration
+//! notifications go to, [`FakeProxy`] an HTTP or SOCKS5 forward proxy; [`FakeStack`]
+//! starts the ones asked for together with a configuration
 //! pointing at them (used by `parley demo`, the end-to-end tests and `parley sim serve`).
 //! [`run_load`] is an
 //! open-loop callback generator for benchmarks, [`run_aibot_load`] the same for AI-bot
@@ -21,6 +22,7 @@ pub mod dingtalk;
 pub mod load;
 pub mod notify_load;
 pub mod openai;
+pub mod proxy;
 pub mod record;
 pub mod robots;
 pub mod stack;
@@ -43,6 +45,7 @@ pub use load::{
 };
 pub use notify_load::{NotifyLoadArgs, NotifyLoadReport, RobotReport, run_notify_load};
 pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
+pub use proxy::FakeProxy;
 pub use robots::{FakeRobots, Refused, RobotKind, RobotMessage, max_in_any_window};
 pub use stack::{FakeStack, FakeStackBuilder};
 pub use wecom::{FakeWecom, FakeWecomApp, WecomSent};

@@ -356,3 +356,41 @@ async fn an_azure_upstream_gets_azures_request_shape() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].model, "gpt4o-prod", "the deployment from the path");
 }
+
+/// Model calls reach the upstream through an HTTP proxy (the upstream's own `proxy`) and
+/// through a SOCKS5 proxy (`[llm] proxy`).
+#[tokio::test]
+async fn model_calls_go_through_http_and_socks5_proxies() {
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let http = sim::FakeProxy::http(any).await.unwrap();
+    let socks = sim::FakeProxy::socks5(any).await.unwrap();
+    for (llm, proxy) in [
+        (
+            format!(
+                "[[llm.upstreams]]\nname = \"e2e-via-http\"\nbase_url = \"{{LLM}}\"\napi_key = \"{API_KEY}\"\nproxy = \"{}\"\n",
+                http.url()
+            ),
+            &http,
+        ),
+        (format!("proxy = \"{}\"\n", socks.url()), &socks),
+    ] {
+        let app = TestApp::spawn_opts(Options {
+            llm,
+            ..Options::default()
+        })
+        .await;
+        assert_eq!(
+            app.send(&app.one_to_one("msg-px-1", "经代理"))
+                .await
+                .status(),
+            200
+        );
+        assert_eq!(app.replies(1).await[0].content, "Echo: 经代理 (turn 1)");
+        let model = app.llm.base_url();
+        let host = model.trim_start_matches("http://").trim_end_matches("/v1");
+        assert_eq!(proxy.targets(), vec![host.to_string()], "{}", proxy.url());
+        app.stop().await;
+    }
+    http.shutdown();
+    socks.shutdown();
+}

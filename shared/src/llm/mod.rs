@@ -248,11 +248,14 @@ impl OpenAiClient {
         settings: &LlmSettings,
     ) -> Result<Self, reqwest::Error> {
         let timeout = upstream.timeout_secs.unwrap_or(settings.timeout_secs);
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(timeout))
             .connect_timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(settings.max_concurrency)
-            .build()?;
+            .pool_max_idle_per_host(settings.max_concurrency);
+        if let Some(proxy) = upstream.proxy.as_ref().or(settings.proxy.as_ref()) {
+            http = http.proxy(reqwest::Proxy::all(proxy.expose())?);
+        }
+        let http = http.build()?;
         Ok(Self {
             http,
             name: upstream.name.clone(),
