@@ -394,3 +394,36 @@ async fn model_calls_go_through_http_and_socks5_proxies() {
     http.shutdown();
     socks.shutdown();
 }
+
+/// A WeCom AI bot's stream ends, empty, for a message its policy does not answer: the
+/// chatter is not left with a stream that never finishes, and nothing goes to the
+/// response_url.
+#[tokio::test]
+async fn a_denied_ai_bot_message_ends_its_stream_empty() {
+    let app = TestApp::spawn_opts(Options {
+        aibot: "deny_users = [\"zhangsan\"]".into(),
+        ..Options::default()
+    })
+    .await;
+    app.aibot.set_options(sim::AibotOptions {
+        refresh_interval: Duration::from_millis(100),
+        ..sim::AibotOptions::default()
+    });
+    let msg = sim::wecom_aibot::text_message(
+        &sim::wecom_aibot::new_msgid(),
+        sim::Chat::Single,
+        "zhangsan",
+        "你好",
+        &app.aibot.new_response_url(),
+    );
+    let ex = app
+        .aibot
+        .converse(&app.aibot_url(), AIBOT_ID, &msg)
+        .await
+        .unwrap();
+    assert!(ex.finished, "{ex:?}");
+    assert_eq!(ex.final_content.as_deref(), Some(""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(app.aibot.posts().is_empty());
+    assert_eq!(app.llm.request_count(), 0);
+}

@@ -491,6 +491,7 @@ async fn send_parts(
 ) -> Result<usize, SendError> {
     // An empty answer says nothing on purpose (a message the bot's policy does not answer).
     if answer.text.is_empty() {
+        messenger.end_unanswered(job).await?;
         return Ok(0);
     }
     let parts = split(&answer.text, messenger.limit(answer.markdown));

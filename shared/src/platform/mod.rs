@@ -84,6 +84,11 @@ pub trait Messenger: Send + Sync + fmt::Debug {
     fn working_notice_after(&self) -> Option<Duration> {
         None
     }
+    /// Ends `job` without an answer (a message the bot's policy leaves unanswered): nothing
+    /// is sent, unless the platform waits for an end, as a WeCom AI bot's stream does.
+    async fn end_unanswered(&self, _job: &Job) -> Result<(), SendError> {
+        Ok(())
+    }
 }
 
 /// Which call of a live reply.

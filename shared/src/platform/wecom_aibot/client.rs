@@ -125,6 +125,8 @@ impl AibotMessenger {
                 Some(rest) => self.post_once(t, rest, "rest").await,
                 None => Ok(()),
             },
+            // Nothing to say (an unanswered message) is not posted.
+            Claim::ResponseUrl if text.is_empty() => Ok(()),
             Claim::ResponseUrl => {
                 let late = crate::now_ms() >= self.window_end(job);
                 self.post_once(t, text, if late { "late" } else { "not_refreshed" })
@@ -257,6 +259,11 @@ impl Messenger for AibotMessenger {
 
     async fn send(&self, job: &Job, message: &OutgoingMessage) -> Result<(), SendError> {
         self.conclude(job, &message.text).await
+    }
+
+    async fn end_unanswered(&self, job: &Job) -> Result<(), SendError> {
+        // WeCom keeps refreshing an open stream for minutes: finish it, empty.
+        self.conclude(job, "").await
     }
 
     fn live(&self, job: &Job) -> Option<&dyn LiveReply> {
