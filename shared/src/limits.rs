@@ -104,6 +104,23 @@ impl ModelLimits {
         }
     }
 
+    /// The limits that are on, each taking `requests` or `tokens`, with the kind of each.
+    fn rates(&self, requests: i64, tokens: i64) -> (Vec<Rate>, Vec<Busy>) {
+        [
+            (
+                self.requests_per_minute,
+                "llm:rpm",
+                requests,
+                Busy::Requests,
+            ),
+            (self.tokens_per_minute, "llm:tpm", tokens, Busy::Tokens),
+        ]
+        .into_iter()
+        .filter(|(limit, ..)| *limit > 0)
+        .map(|(limit, key, cost, kind)| (per_minute(key, limit, cost), kind))
+        .unzip()
+    }
+
     /// Tokens a call with `messages` is expected to use: the prompt (a token per four ASCII
     /// characters, one per other character — Chinese text is about one a character — and
     /// a few per message) plus the completion's estimate.
@@ -138,17 +155,7 @@ impl ModelLimits {
         } else {
             0
         };
-        let mut rates = Vec::with_capacity(2);
-        let mut kinds = Vec::with_capacity(2);
-        if self.requests_per_minute > 0 {
-            rates.push(per_minute("llm:rpm", self.requests_per_minute, 1));
-            kinds.push(Busy::Requests);
-        }
-        if self.tokens_per_minute > 0 {
-            let cost = i64::try_from(tokens).unwrap_or(i64::MAX);
-            rates.push(per_minute("llm:tpm", self.tokens_per_minute, cost));
-            kinds.push(Busy::Tokens);
-        }
+        let (rates, kinds) = self.rates(1, i64::try_from(tokens).unwrap_or(i64::MAX));
         if rates.is_empty() {
             return Ok(Ok(Admission {
                 wait: Duration::ZERO,
@@ -174,13 +181,7 @@ impl ModelLimits {
 
     /// How long a call asked for now would wait for the limits (a reservation of nothing).
     pub async fn current_wait(&self) -> Result<Duration, CacheError> {
-        let mut rates = Vec::with_capacity(2);
-        if self.requests_per_minute > 0 {
-            rates.push(per_minute("llm:rpm", self.requests_per_minute, 0));
-        }
-        if self.tokens_per_minute > 0 {
-            rates.push(per_minute("llm:tpm", self.tokens_per_minute, 0));
-        }
+        let (rates, _) = self.rates(0, 0);
         if rates.is_empty() {
             return Ok(Duration::ZERO);
         }

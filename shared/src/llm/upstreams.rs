@@ -149,21 +149,6 @@ impl Upstreams {
         })
     }
 
-    /// Each upstream's name and whether its breaker lets calls through now.
-    fn states(&self) -> Vec<(String, &'static str)> {
-        self.members
-            .iter()
-            .map(|m| {
-                let state = match *m.lock() {
-                    State::Closed { .. } => "healthy",
-                    State::Open { .. } => "open",
-                    State::HalfOpen => "probing",
-                };
-                (m.name.clone(), state)
-            })
-            .collect()
-    }
-
     /// The members in the order a call with `route` tries them.
     fn order(&self, route: Route<'_>) -> Vec<&Member> {
         let mut order: Vec<&Member> = self.members.iter().collect();
@@ -232,6 +217,16 @@ impl LlmClient for Upstreams {
     }
 
     fn health(&self) -> Vec<(String, &'static str)> {
-        self.states()
+        self.members
+            .iter()
+            .map(|m| {
+                let state = match *m.lock() {
+                    State::Closed { .. } => "healthy",
+                    State::Open { .. } => "open",
+                    State::HalfOpen => "probing",
+                };
+                (m.name.clone(), state)
+            })
+            .collect()
     }
 }
