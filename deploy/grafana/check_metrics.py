@@ -55,7 +55,7 @@ VALUES = {
         {"dingtalk", "wecom", "wecom_aibot", "dingtalk_robot", "wecom_robot"}, ["shared/src"]),
     ("parley_jobs_total", "outcome"): (
         {"answered", "model_failed", "command", "fixed", "unsupported", "notice", "duplicate",
-         "retried", "dead_lettered", "busy", "quota"},
+         "retried", "dead_lettered", "busy", "quota", "denied"},
         ["worker/src"]),
     ("parley_llm_requests_total", "outcome"): (
         {"ok", "timeout", "network", "rate_limited", "quota_exhausted", "server_error",
@@ -79,7 +79,7 @@ VALUES = {
     ("parley_aibot_response_url_total", "outcome"): (
         {"ok", "refused", "failed", "no_url"}, ["shared/src"]),
     ("parley_limit_rejections_total", "kind"): (
-        {"rpm", "tpm", "backlog", "user_quota"}, ["shared/src", "worker/src"]),
+        {"rpm", "tpm", "backlog", "user_quota", "policy"}, ["shared/src", "worker/src"]),
     ("parley_limit_wait_seconds", "kind"): ({"rpm", "tpm"}, ["shared/src"]),
     ("parley_token_fetches_total", "platform"): (
         {"dingtalk", "wecom"}, ["shared/src"]),

@@ -1263,6 +1263,26 @@ app_secret = "${DT_SECRET}"
         let text = MINIMAL.replace("model = \"m\"", "model = \"m\"\nproxy = \"ftp://proxy:21\"");
         let err = Settings::from_toml(&text, env).unwrap_err().to_string();
         assert!(err.starts_with("config: llm.proxy:"), "{err}");
+        let up = |name: &str, url: &str| {
+            format!("\n[[llm.upstreams]]\nname = \"{name}\"\nbase_url = \"{url}\"\n")
+        };
+        let two = format!("{}{}", up("a", "http://x/v1"), up("a", "http://y/v1"));
+        let text = MINIMAL.replace("model = \"m\"\n", &format!("model = \"m\"\n{two}"));
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.starts_with("config: llm.upstreams[1].name:"), "{err}");
+        let bad = up("a", "ftp://x");
+        let text = MINIMAL.replace("model = \"m\"\n", &format!("model = \"m\"\n{bad}"));
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(
+            err.starts_with("config: llm.upstreams[0].base_url:"),
+            "{err}"
+        );
+        let text = MINIMAL.replace(
+            "platform = \"dingtalk\"",
+            "platform = \"dingtalk\"\nupstream = \"nope\"",
+        );
+        let err = Settings::from_toml(&text, env).unwrap_err().to_string();
+        assert!(err.starts_with("config: bots[0].upstream:"), "{err}");
         let text = format!("{MINIMAL}\n[limits]\nmax_wait_secs = 0\n");
         let err = Settings::from_toml(&text, env).unwrap_err().to_string();
         assert!(err.starts_with("config: limits.max_wait_secs:"), "{err}");

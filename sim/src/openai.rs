@@ -1027,6 +1027,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn azure_route_needs_its_key_header_and_api_version() {
+        let llm = fake(FakeLlmOptions::default()).await;
+        let root = llm.base_url().replace("/v1", "");
+        let url = format!("{root}/openai/deployments/prod-4o/chat/completions");
+        let client = reqwest::Client::new();
+        let send = |url: String, key: &'static str| {
+            client
+                .post(url)
+                .header("api-key", key)
+                .json(&chat(&["hi"]))
+                .send()
+        };
+        let ok = format!("{url}?api-version=2024-10-21");
+        assert_eq!(send(ok.clone(), "sk-wrong").await.unwrap().status(), 401);
+        assert_eq!(send(url.clone(), "sk-sim").await.unwrap().status(), 404);
+        assert_eq!(send(ok, "sk-sim").await.unwrap().status(), 200);
+        let seen = llm.requests();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].model, "prod-4o");
+    }
+
+    #[tokio::test]
     async fn bad_key_and_bad_body_get_openai_errors() {
         let llm = fake(FakeLlmOptions::default()).await;
         let resp = post(&llm, "sk-wrong-key-123456", &chat(&["hi"])).await;
