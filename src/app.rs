@@ -7,7 +7,7 @@
 
 use crate::admin::{self, Readiness};
 use anyhow::{Context, bail};
-use ingress::IngressState;
+use ingress::{IngressState, StreamConnections};
 use shared::cache::redis::RedisCache;
 use shared::cache::{Cache, MemoryCache};
 use shared::config::{BotSettings, ChannelSettings, QueueSettings, Settings};
@@ -160,7 +160,13 @@ pub struct Application {
     backends: Backends,
     /// `[server] shutdown_grace_secs`.
     grace: Duration,
+    /// The public listener's limits.
+    limits: ingress::server::Limits,
 }
+
+/// After SIGTERM, how long callbacks already being received may take to finish before their
+/// connections are closed (a callback is answered in milliseconds; this bounds slow clients).
+const CONNECTION_DRAIN: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for Application {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -220,6 +226,7 @@ impl Application {
             workers,
             backends,
             grace: Duration::from_secs(settings.server.shutdown_grace_secs),
+            limits: ingress::server::Limits::from_settings(&settings.server),
         })
     }
 
@@ -249,6 +256,14 @@ impl Application {
                 "queue",
                 Arc::new(move || queues.iter().all(|q| q.is_ready())),
             );
+        // Stream bots dial out as soon as the process runs.
+        let streams = self
+            .ingress
+            .as_ref()
+            .map(|state| StreamConnections::start(state, shutdown.clone()));
+        if let Some(streams) = &streams {
+            readiness = readiness.with("dingtalk_stream", streams.readiness());
+        }
         // A chat callback needs only the queue: an ingress stays in its Service while the
         // cache is down (a notification then gets its own 503), so chat keeps flowing.
         if self.roles.worker() {
@@ -271,11 +286,21 @@ impl Application {
         tracing::info!(roles = ?self.roles, "parley is running");
         let served = match (self.listener, self.ingress) {
             (Some(listener), Some(state)) => {
-                let r = axum::serve(listener, ingress::router(state))
-                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                    .await;
+                ingress::server::serve(
+                    listener,
+                    ingress::router(state),
+                    self.limits.clone(),
+                    shutdown.clone(),
+                    CONNECTION_DRAIN,
+                )
+                .await;
+                // The Stream connections stop on the same signal, acknowledging what they
+                // queued; before the worker drains, so it drains those jobs too.
+                if let Some(streams) = streams {
+                    streams.join().await;
+                }
                 tracing::info!("ingress stopped taking callbacks");
-                r.context("ingress server failed")
+                Ok(())
             }
             _ => {
                 shutdown.cancelled().await;

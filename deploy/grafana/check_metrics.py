@@ -47,7 +47,7 @@ VALUES = {
     ("parley_http_requests_total", "outcome"): (
         {"accepted", "ignored", "duplicate", "unknown_bot", "too_large", "unreadable",
          "bad_signature", "stale_timestamp", "bad_timestamp", "malformed", "wrong_receiver",
-         "bad_ciphertext", "queue_unavailable", "unauthorized", "cache_unavailable", "refreshed"},
+         "bad_ciphertext", "queue_unavailable", "unauthorized", "cache_unavailable", "refreshed", "slow_body"},
         ["ingress/src"]),
     ("parley_jobs_total", "platform"): (
         {"dingtalk", "wecom", "wecom_aibot", "dingtalk_robot", "wecom_robot"}, ["shared/src"]),
@@ -81,6 +81,17 @@ VALUES = {
     ("parley_limit_rejections_total", "kind"): (
         {"rpm", "tpm", "backlog", "user_quota", "policy"}, ["shared/src", "worker/src"]),
     ("parley_limit_wait_seconds", "kind"): ({"rpm", "tpm"}, ["shared/src"]),
+    ("parley_stream_connection_state", "state"): (
+        {"connecting", "connected", "auth_failed", "failed"}, ["ingress/src"]),
+    ("parley_stream_reconnects_total", "cause"): (
+        {"disconnect", "closed", "timeout", "auth_failed", "open_failed", "connect_failed",
+         "queue_unavailable"},
+        ["ingress/src"]),
+    ("parley_stream_frames_total", "type"): (
+        {"callback", "event", "system", "unknown"}, ["ingress/src"]),
+    ("parley_stream_frames_total", "outcome"): (
+        {"queued", "not_queued", "malformed", "unsupported", "answered", "disconnect"},
+        ["ingress/src"]),
     ("parley_token_fetches_total", "platform"): (
         {"dingtalk", "wecom"}, ["shared/src"]),
 }

@@ -7,13 +7,13 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use shared::config::{BotSettings, DingTalkBot};
+use shared::config::{BotSettings, DingTalkBot, DingTalkIngress};
 use shared::platform::dingtalk::{callback, sign};
 use std::collections::HashMap;
 
 const ROUTE: &str = "dingtalk_callback";
 
-/// The DingTalk bots, by id.
+/// The DingTalk bots taking HTTP callbacks, by id (a Stream bot's route is off).
 pub(crate) struct Bots(HashMap<String, DingTalkBot>);
 
 impl Bots {
@@ -21,7 +21,9 @@ impl Bots {
         Self(
             bots.iter()
                 .filter_map(|b| match b {
-                    BotSettings::DingTalk(d) => Some((d.id.clone(), d.clone())),
+                    BotSettings::DingTalk(d) if d.ingress == DingTalkIngress::Http => {
+                        Some((d.id.clone(), d.clone()))
+                    }
                     _ => None,
                 })
                 .collect(),
@@ -64,7 +66,8 @@ async fn handle(
         header("sign"),
         now,
     )?;
-    let body = read_body(body, state.inner.body_limit).await?;
+    let body = read_body(state, body).await?;
     let job = call.traced(callback::parse(&bot.id, &body, now)?);
+    callback::check_robot(&job, bot.robot_code())?;
     enqueue(state, &job).await
 }

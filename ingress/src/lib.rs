@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use shared::cache::Cache;
-use shared::config::{ChannelSettings, Settings};
+use shared::config::{BotSettings, ChannelSettings, DingTalkBot, DingTalkIngress, Settings};
 use shared::job::Job;
 use shared::queue::JobQueue;
 use std::collections::HashMap;
@@ -24,11 +24,14 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 mod dingtalk;
+mod dingtalk_stream;
 mod notify;
 mod rejection;
+pub mod server;
 mod wecom;
 mod wecom_aibot;
 
+pub use dingtalk_stream::StreamConnections;
 pub use rejection::Rejection;
 
 /// Everything a callback handler needs; cheap to clone.
@@ -39,6 +42,8 @@ pub struct IngressState {
 
 struct Inner {
     dingtalk: dingtalk::Bots,
+    /// DingTalk bots whose messages arrive over a Stream connection, not HTTP.
+    streams: Vec<DingTalkBot>,
     wecom: wecom::Bots,
     aibots: wecom_aibot::Bots,
     /// What this replica last showed per AI bot stream (for "no change" answers).
@@ -46,6 +51,8 @@ struct Inner {
     queue: Arc<dyn JobQueue>,
     cache: Arc<dyn Cache>,
     body_limit: usize,
+    /// How long a body may take to arrive once the headers are in.
+    body_timeout: Duration,
     dedupe_ttl: Duration,
     channels: HashMap<String, ChannelSettings>,
     /// The notification lane; None when no channel is configured.
@@ -58,6 +65,7 @@ impl fmt::Debug for IngressState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IngressState")
             .field("dingtalk_bots", &self.inner.dingtalk.len())
+            .field("dingtalk_stream_bots", &self.inner.streams.len())
             .field("wecom_bots", &self.inner.wecom.len())
             .field("wecom_aibots", &self.inner.aibots.len())
             .finish_non_exhaustive()
@@ -70,12 +78,23 @@ impl IngressState {
         Self {
             inner: Arc::new(Inner {
                 dingtalk: dingtalk::Bots::new(&settings.bots),
+                streams: settings
+                    .bots
+                    .iter()
+                    .filter_map(|b| match b {
+                        BotSettings::DingTalk(d) if d.ingress == DingTalkIngress::Stream => {
+                            Some(d.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect(),
                 wecom: wecom::Bots::new(&settings.bots),
                 aibots: wecom_aibot::Bots::new(&settings.bots),
                 last_shown: wecom_aibot::LastShown::default(),
                 queue,
                 cache,
                 body_limit: settings.server.body_limit_bytes,
+                body_timeout: Duration::from_secs(settings.server.body_timeout_secs),
                 dedupe_ttl: Duration::from_secs(settings.server.dedupe_ttl_secs),
                 channels: settings
                     .channels
@@ -144,10 +163,11 @@ impl Call {
 
     /// The span around everything done for this request.
     fn span(&self) -> tracing::Span {
+        // The bot id comes from the path: bounded and escaped before it reaches a log line.
         tracing::info_span!(
             "request",
             route = self.route,
-            bot = %self.target,
+            bot = %shared::untrusted::clip(&self.target, 64),
             trace = %self.trace,
         )
     }
@@ -173,10 +193,12 @@ impl Call {
                 "duplicate"
             }
             Err(r) => {
+                // Reasons may quote the request (an XML element's name): bounded, escaped.
+                let reason = shared::untrusted::clip(&r.to_string(), 200);
                 if r.classify().0.is_server_error() {
-                    tracing::error!(reason = %r, "request not accepted");
+                    tracing::error!(%reason, "request not accepted");
                 } else {
-                    tracing::warn!(reason = %r, "request rejected");
+                    tracing::warn!(%reason, "request rejected");
                 }
                 r.outcome()
             }
@@ -228,9 +250,20 @@ impl Call {
     }
 }
 
-/// Reads the body, refusing more than `limit` bytes without buffering them.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Rejection> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads the body, refusing more than `[server] body_limit_bytes` without buffering them —
+/// at once, without waiting for a byte, when its `Content-Length` already says it is larger —
+/// and one that takes longer than `body_timeout_secs` to arrive.
+async fn read_body(state: &IngressState, body: Body) -> Result<Bytes, Rejection> {
+    use axum::body::HttpBody as _;
+    let limit = state.inner.body_limit;
+    if body.size_hint().lower() > limit as u64 {
+        return Err(Rejection::TooLarge);
+    }
+    let read = axum::body::to_bytes(body, limit);
+    let read = tokio::time::timeout(state.inner.body_timeout, read)
+        .await
+        .map_err(|_| Rejection::SlowBody)?;
+    read.map_err(|e| {
         let inner = e.into_inner();
         if inner
             .downcast_ref::<http_body_util::LengthLimitError>()

@@ -2,7 +2,7 @@
 //! an Alertmanager webhook) into a group robot. The caller authenticates with the
 //! channel's bearer token (compared in constant time); the message is queued on the
 //! notification lane and answered `202 {"id": …}` at once. An `Idempotency-Key` header
-//! makes retries of one request deliver once.
+//! (1–128 visible ASCII characters, once; else 400) makes retries of one request deliver once.
 
 use super::{Accepted, Call, IngressState, Rejection, enqueue_once, read_body};
 use axum::body::Body;
@@ -65,11 +65,26 @@ async fn handle(
     ) {
         return Err(Rejection::Unauthorized);
     }
-    let body = read_body(body, inner.body_limit).await?;
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic()));
+    let body = read_body(state, body).await?;
+    // A key that is present but unusable is refused, not ignored: ignoring it would send
+    // the caller's retries as duplicates.
+    let key = match headers
+        .get_all("idempotency-key")
+        .iter()
+        .collect::<Vec<_>>()[..]
+    {
+        [] => None,
+        [value] => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| {
+                    !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic())
+                })
+                .ok_or(Rejection::BadIdempotencyKey)?,
+        ),
+        _ => return Err(Rejection::BadIdempotencyKey),
+    };
     let id = request::job_id(channel_id, key);
     let job = call.traced(request::to_job(
         channel,

@@ -24,6 +24,9 @@ pub enum Rejection {
     /// The body could not be read.
     #[error("body unreadable")]
     Unreadable,
+    /// The body did not arrive within `[server] body_timeout_secs`.
+    #[error("body too slow")]
+    SlowBody,
     /// DingTalk signature or timestamp refused.
     #[error("{0}")]
     Signature(#[from] SignError),
@@ -54,6 +57,9 @@ pub enum Rejection {
     /// No or wrong bearer token.
     #[error("bad bearer token")]
     Unauthorized,
+    /// An `Idempotency-Key` that is empty, too long, not visible ASCII, or repeated.
+    #[error("malformed Idempotency-Key")]
+    BadIdempotencyKey,
     /// A notification body that is not one of the accepted shapes.
     #[error("{0}")]
     Notice(#[from] RequestError),
@@ -76,6 +82,7 @@ impl Rejection {
             Rejection::UnknownBot => (StatusCode::NOT_FOUND, "unknown_bot"),
             Rejection::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Rejection::Unreadable => (StatusCode::BAD_REQUEST, "unreadable"),
+            Rejection::SlowBody => (StatusCode::REQUEST_TIMEOUT, "slow_body"),
             Rejection::Signature(SignError::MissingHeader | SignError::SignatureMismatch) => {
                 (StatusCode::UNAUTHORIZED, "bad_signature")
             }
@@ -87,7 +94,10 @@ impl Rejection {
             | Rejection::Timestamp(TimestampError::Malformed) => {
                 (StatusCode::BAD_REQUEST, "bad_timestamp")
             }
-            Rejection::Malformed(_) | Rejection::MissingParam(_) => {
+            Rejection::Malformed(CallbackError::WrongRobot) => {
+                (StatusCode::FORBIDDEN, "wrong_receiver")
+            }
+            Rejection::Malformed(_) | Rejection::MissingParam(_) | Rejection::BadIdempotencyKey => {
                 (StatusCode::BAD_REQUEST, "malformed")
             }
             Rejection::Crypto(CryptoError::SignatureMismatch) => {
@@ -96,6 +106,7 @@ impl Rejection {
             Rejection::Crypto(CryptoError::ReceiveIdMismatch) => {
                 (StatusCode::FORBIDDEN, "wrong_receiver")
             }
+            Rejection::Crypto(CryptoError::NotAnEchostr) => (StatusCode::BAD_REQUEST, "malformed"),
             Rejection::Crypto(_) => (StatusCode::BAD_REQUEST, "bad_ciphertext"),
             Rejection::Xml(XmlError::TooLarge) => (StatusCode::PAYLOAD_TOO_LARGE, "malformed"),
             Rejection::Xml(_) | Rejection::Json(_) => (StatusCode::BAD_REQUEST, "malformed"),

@@ -95,6 +95,8 @@ pub(crate) async fn verify_url(
             .or_else(|| state.inner.aibots.get(&call.target).map(|(_, c)| c))
             .ok_or(Rejection::UnknownBot)?;
         let q = WecomQuery::parse(query.as_deref())?;
+        // The same window as a message: a captured verification is not good for ever.
+        check_timestamp(&q.timestamp, shared::now_ms())?;
         let echostr = q.echostr.ok_or(Rejection::MissingParam("echostr"))?;
         Ok(crypto.verify_url(&q.msg_signature, &q.timestamp, &q.nonce, &echostr)?)
     })();
@@ -133,7 +135,7 @@ async fn handle(
     let q = WecomQuery::parse(query)?;
     let now = shared::now_ms();
     check_timestamp(&q.timestamp, now)?;
-    let body = read_body(body, state.inner.body_limit).await?;
+    let body = read_body(state, body).await?;
     let message = open_callback(crypto, &q.msg_signature, &q.timestamp, &q.nonce, &body)?;
     match to_job(bot, &message, now) {
         Some(job) => enqueue(state, &call.traced(job)).await,

@@ -119,7 +119,7 @@ async fn handle(
     let q = WecomQuery::parse(query)?;
     let now = shared::now_ms();
     check_timestamp(&q.timestamp, now)?;
-    let body = read_body(body, state.inner.body_limit).await?;
+    let body = read_body(state, body).await?;
     let opened = open_callback(crypto, &q.msg_signature, &q.timestamp, &q.nonce, &body)?;
     let reply = |plain: &Value| {
         (

@@ -62,6 +62,7 @@ async fn the_queued_job_carries_the_trace_of_the_request_span() {
         "conversationId": "cid1",
         "senderId": "u1",
         "senderStaffId": "u1",
+        "robotCode": "ding123",
         "text": {"content": "hi"},
     });
     let request = Request::post("/dingtalk/main")

@@ -156,6 +156,23 @@ pub struct ServerSettings {
     /// After SIGTERM/SIGINT, how long jobs already being worked on may run on before they
     /// are abandoned unsettled (to be redelivered), in seconds. Default 30.
     pub shutdown_grace_secs: u64,
+    /// Time a client has to send a request's headers, and that a kept-alive HTTP/1
+    /// connection may wait for its next request, in seconds. Default 10.
+    pub header_timeout_secs: u64,
+    /// Time a client has to send a request's body once its headers are in (408 after), in
+    /// seconds. Default 10.
+    pub body_timeout_secs: u64,
+    /// A connection with no byte read or written for this long is closed, in seconds.
+    /// Default 60.
+    pub idle_timeout_secs: u64,
+    /// Largest request head (request line and headers) accepted, in bytes (431 beyond).
+    /// Default 16384; at least 8192.
+    pub max_header_bytes: usize,
+    /// Connections open at once on the public listener; at the cap the connection idle the
+    /// longest is closed to make room. Default 10000.
+    pub max_connections: usize,
+    /// HTTP/2 (cleartext, prior knowledge) streams one connection may have open. Default 64.
+    pub http2_max_streams: u32,
 }
 
 impl Default for ServerSettings {
@@ -166,6 +183,12 @@ impl Default for ServerSettings {
             body_limit_bytes: 64 * 1024,
             dedupe_ttl_secs: 3600,
             shutdown_grace_secs: 30,
+            header_timeout_secs: 10,
+            body_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            http2_max_streams: 64,
         }
     }
 }
@@ -692,6 +715,27 @@ pub struct DingTalkBot {
     /// worked on; 0 (default) = never.
     #[serde(default)]
     pub working_notice_secs: u64,
+    /// How messages reach Parley: `"http"` (default), DingTalk POSTing each callback to
+    /// `/dingtalk/{id}`, or `"stream"`, Parley dialling out to DingTalk's Stream gateway
+    /// (no public address needed; the HTTP route of the bot is then off).
+    #[serde(default)]
+    pub ingress: DingTalkIngress,
+    /// Hosts besides DingTalk's (`*.dingtalk.com`, over HTTPS) and `api_base`'s origin that a
+    /// callback's `sessionWebhook` may point at; a webhook elsewhere is not used (the answer
+    /// goes through the OpenAPI), so a forged callback cannot send it to another host.
+    #[serde(default)]
+    pub session_webhook_hosts: Vec<String>,
+}
+
+/// How a DingTalk bot's messages arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DingTalkIngress {
+    /// HTTP callbacks to the public listener.
+    #[default]
+    Http,
+    /// A WebSocket Parley opens to DingTalk's Stream gateway.
+    Stream,
 }
 
 /// How a DingTalk bot's answers go out.
@@ -835,6 +879,28 @@ impl Settings {
 
     /// Checks values serde cannot: ranges, URLs, unique bot ids.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let srv = &self.server;
+        for (key, secs) in [
+            ("server.header_timeout_secs", srv.header_timeout_secs),
+            ("server.body_timeout_secs", srv.body_timeout_secs),
+            ("server.idle_timeout_secs", srv.idle_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        if srv.max_header_bytes < 8192 {
+            return Err(ConfigError::new(
+                "server.max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if srv.max_connections == 0 || srv.http2_max_streams == 0 {
+            return Err(ConfigError::new(
+                "server.max_connections",
+                "max_connections and http2_max_streams must be at least 1",
+            ));
+        }
         if self.llm.upstreams.is_empty() {
             check_http_url("llm.base_url", &self.llm.base_url)?;
         }

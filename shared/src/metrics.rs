@@ -57,6 +57,22 @@ pub struct Metrics {
     /// `parley_limit_rejections_total{kind}`: messages answered without the model because
     /// of a limit (`rpm`, `tpm`, `backlog`: busy; `user_quota`).
     pub limit_rejections: IntCounterVec,
+    /// `parley_stream_connection_state{bot,state}`: 1 for the state each DingTalk Stream
+    /// bot's connection is in (`connecting`, `connected`, `auth_failed`, `failed`), else 0.
+    pub stream_state: IntGaugeVec,
+    /// `parley_stream_reconnects_total{bot,cause}`: connections ended and dialled again
+    /// (`disconnect`, `closed`, `timeout`, `open_failed`, `auth_failed`, `connect_failed`,
+    /// `queue_unavailable`).
+    pub stream_reconnects: IntCounterVec,
+    /// `parley_stream_frames_total{bot,type,outcome}`: frames received on Stream connections.
+    pub stream_frames: IntCounterVec,
+    /// `parley_stream_ack_seconds{bot}`: time from a callback frame to its ack on the socket
+    /// (the job confirmed by the queue in between).
+    pub stream_ack_duration: HistogramVec,
+    /// `parley_connections_open`: connections open on the public listener.
+    pub connections_open: IntGauge,
+    /// `parley_connections_shed_total`: connections closed at the cap to make room.
+    pub connections_shed: IntCounterVec,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -124,7 +140,7 @@ impl Metrics {
                 "parley_ack_duration_seconds",
                 "Time from receiving a callback to answering it.",
                 &["route"],
-                fast,
+                fast.clone(),
             ),
             jobs: counter(
                 &r,
@@ -245,6 +261,42 @@ impl Metrics {
                 "parley_limit_rejections_total",
                 "Messages answered without the model because of a limit (rpm, tpm, backlog: busy; user_quota).",
                 &["kind"],
+            ),
+            stream_state: gauge_vec(
+                &r,
+                "parley_stream_connection_state",
+                "State of each DingTalk Stream bot's connection: 1 for the current state, else 0.",
+                &["bot", "state"],
+            ),
+            stream_reconnects: counter(
+                &r,
+                "parley_stream_reconnects_total",
+                "DingTalk Stream connections dialled again, by cause.",
+                &["bot", "cause"],
+            ),
+            stream_frames: counter(
+                &r,
+                "parley_stream_frames_total",
+                "Frames received on DingTalk Stream connections, by type and outcome.",
+                &["bot", "type", "outcome"],
+            ),
+            stream_ack_duration: histogram(
+                &r,
+                "parley_stream_ack_seconds",
+                "Time from a DingTalk Stream callback frame to its ack, the job queued in between.",
+                &["bot"],
+                fast,
+            ),
+            connections_open: gauge(
+                &r,
+                "parley_connections_open",
+                "Connections open on the public listener.",
+            ),
+            connections_shed: counter(
+                &r,
+                "parley_connections_shed_total",
+                "Connections on the public listener closed at max_connections to make room.",
+                &[],
             ),
             registry: r,
         }

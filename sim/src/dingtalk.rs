@@ -1,11 +1,12 @@
 //! A faithful fake of DingTalk's server side for one or more enterprise-internal robot apps
-//! (PROTOCOLS.md §a–c): the OpenAPI gateway (`/v1.0/oauth2/accessToken`, group and 1:1
+//! (PROTOCOLS.md §a–d): the OpenAPI gateway (`/v1.0/oauth2/accessToken`, group and 1:1
 //! robot sends, the AI card API of `dingtalk/card.rs`), the `sessionWebhook` reply endpoint,
-//! and the signed callbacks DingTalk POSTs to a bot. Error shapes follow the real services:
-//! the new gateway answers non-2xx with `{code, message, requestid}`, the oapi-style
-//! sessionWebhook answers HTTP 200 with `{errcode, errmsg}`. Every accepted message and card
-//! is recorded for assertions; tokens can be revoked, sessions expired and sends throttled
-//! on demand.
+//! the signed callbacks DingTalk POSTs to a bot, and the Stream-mode gateway of
+//! `dingtalk/stream.rs` (tickets, the WebSocket, pushed bot messages, acks and re-pushes).
+//! Error shapes follow the real services: the new gateway answers non-2xx with `{code,
+//! message, requestid}`, the oapi-style sessionWebhook answers HTTP 200 with `{errcode,
+//! errmsg}`. Every accepted message and card is recorded for assertions; tokens can be
+//! revoked, sessions expired and sends throttled on demand.
 //!
 //! Like the real gateway, every OpenAPI call except the token API is limited per app and API
 //! (default 20 QPS, sliding window) and counted against the org's monthly budget (see
@@ -14,6 +15,7 @@
 
 mod card;
 mod meter;
+mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -28,7 +30,7 @@ use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
@@ -46,6 +48,13 @@ pub use card::{
     CardUpdate, FakeCard,
 };
 pub use meter::{DEFAULT_API_QPS, EndpointStats, ORG_QUOTA_CODE, QPS_LIMIT_CODE};
+pub use stream::{
+    BOT_MESSAGE_TOPIC, DEFAULT_STREAM_DISCONNECT_GRACE, DEFAULT_STREAM_REPUSH_AFTER,
+    SIM_STREAM_ACKS_PATH, SIM_STREAM_CONNECTIONS_PATH, SIM_STREAM_DISCONNECT_PATH,
+    SIM_STREAM_PUSH_PATH, STREAM_AUTH_FAILED_CODE, STREAM_CONNECT_PATH, STREAM_INVALID_TICKET_CODE,
+    STREAM_MAX_ATTEMPTS, STREAM_OPEN_PATH, STREAM_TICKET_TTL, StreamAck, StreamClosedBy,
+    StreamConnection, StreamDelivery, StreamDeliveryRecord, StreamPing,
+};
 
 /// Lifetime of a freshly issued access token (`expireIn`), unless changed by `set_token_ttl`.
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 7200;
@@ -244,6 +253,8 @@ struct Inner {
     sent: Recorder<SentMessage>,
     /// Woken on every card change (for `wait_for_finished_cards`).
     cards_changed: Notify,
+    /// Stream-mode records and wake-ups kept outside the state lock.
+    stream: stream::StreamHub,
     stop: CancellationToken,
 }
 
@@ -260,6 +271,7 @@ struct DtState {
     fail_next: usize,
     meters: meter::Meters,
     cards: card::CardStore,
+    stream: stream::StreamStore,
 }
 
 struct IssuedToken {
@@ -295,9 +307,11 @@ impl FakeDingTalk {
                 fail_next: 0,
                 meters: meter::Meters::default(),
                 cards: card::CardStore::default(),
+                stream: stream::StreamStore::default(),
             }),
             sent: Recorder::default(),
             cards_changed: Notify::new(),
+            stream: stream::StreamHub::default(),
             stop: CancellationToken::new(),
         });
         let router = Router::new()
@@ -309,11 +323,18 @@ impl FakeDingTalk {
             .route(CARD_CREATE_AND_DELIVER_PATH, post(card::create_and_deliver))
             .route(CARD_STREAMING_PATH, put(card::streaming))
             .route("/robot/sendBySession", post(send_by_session))
+            .route(STREAM_OPEN_PATH, post(stream::open))
+            .route(STREAM_CONNECT_PATH, get(stream::connect))
+            .route(SIM_STREAM_PUSH_PATH, post(stream::sim_push))
+            .route(SIM_STREAM_DISCONNECT_PATH, post(stream::sim_disconnect))
+            .route(SIM_STREAM_ACKS_PATH, get(stream::sim_acks))
+            .route(SIM_STREAM_CONNECTIONS_PATH, get(stream::sim_connections))
             .fallback(not_found)
             // The gateway answers a wrong method like an unknown API, not with a bare 405.
             .method_not_allowed_fallback(not_found)
             .with_state(inner.clone());
         super::serve_fake(listener, router, inner.stop.clone(), "dingtalk");
+        stream::spawn_timers(&inner);
         Ok(FakeDingTalk { inner })
     }
 
@@ -508,6 +529,20 @@ impl FakeDingTalk {
         }
         body
     }
+}
+
+/// A fake with two apps (`app1`/`secret1`, `app2`/`secret2`), for the submodules' tests.
+#[cfg(test)]
+pub(crate) async fn two_app_fake() -> FakeDingTalk {
+    FakeDingTalk::start(
+        "127.0.0.1:0".parse().unwrap(),
+        vec![
+            FakeApp::new("app1", "secret1"),
+            FakeApp::new("app2", "secret2"),
+        ],
+    )
+    .await
+    .unwrap()
 }
 
 /// POSTs a callback `body` to `url` signed like DingTalk does: headers `timestamp` (now, ms)
@@ -728,14 +763,7 @@ async fn send_by_session(
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply {
-    let token = query
-        .as_deref()
-        .and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "session")
-                .map(|(_, v)| v.into_owned())
-        })
-        .unwrap_or_default();
+    let token = crate::query_param(query.as_deref(), "session").unwrap_or_default();
     let conversation_id = {
         let state = inner.lock();
         match state.sessions.get(&token) {

@@ -1,9 +1,10 @@
 //! Parley's simulation kit: faithful fakes of the platforms and the model, and the load
 //! generators, kept out of the production crates. [`FakeDingTalk`] plays DingTalk's side
-//! (access tokens, robot sends, AI cards, sessionWebhooks, signed callbacks, the gateway's QPS
-//! and monthly limits), [`FakeWecom`] WeCom's (access tokens, message/send, encrypted
-//! callbacks), [`FakeAibot`] WeCom's side of an AI bot (智能机器人: encrypted JSON
-//! callbacks, stream refreshes paced like WeCom's, the one-shot `response_url`),
+//! (access tokens, robot sends, AI cards, sessionWebhooks, signed callbacks, the Stream-mode
+//! WebSocket gateway, the gateway's QPS and monthly limits), [`FakeWecom`] WeCom's (access
+//! tokens, message/send, encrypted callbacks), [`FakeAibot`] WeCom's side of an AI bot
+//! (智能机器人: encrypted JSON callbacks, stream refreshes paced like WeCom's, the one-shot
+//! `response_url`),
 //! [`FakeLlm`] an OpenAI-compatible Chat Completions endpoint (with paced SSE
 //! streams and scripted mid-stream faults), [`FakeRobots`] the group-robot webhooks
 //! notifications go to, [`FakeProxy`] an HTTP or SOCKS5 forward proxy; [`FakeStack`]
@@ -26,6 +27,7 @@ pub mod proxy;
 pub mod record;
 pub mod robots;
 pub mod stack;
+pub mod stream_load;
 pub mod wecom;
 pub mod wecom_aibot;
 
@@ -37,7 +39,8 @@ use anyhow::Context;
 pub use aibot_load::{AibotLoadArgs, AibotLoadReport, run_aibot_load};
 pub use dingtalk::{
     CallbackSpec, CardFault, CardUpdate, ConversationType, EndpointStats, FakeApp, FakeCard,
-    FakeDingTalk, SentMessage, Via, send_callback,
+    FakeDingTalk, SentMessage, StreamAck, StreamClosedBy, StreamConnection, StreamDelivery,
+    StreamDeliveryRecord, StreamPing, Via, send_callback,
 };
 pub use load::{
     CallsPerCard, CardReport, EndpointReport, Expect, LoadArgs, LoadReport, Percentiles,
@@ -48,6 +51,7 @@ pub use openai::{ChatRequestSeen, FakeLlm, FakeLlmOptions};
 pub use proxy::FakeProxy;
 pub use robots::{FakeRobots, Refused, RobotKind, RobotMessage, max_in_any_window};
 pub use stack::{FakeStack, FakeStackBuilder};
+pub use stream_load::{StreamLoadArgs, StreamLoadReport, run_stream_load};
 pub use wecom::{FakeWecom, FakeWecomApp, WecomSent};
 pub use wecom_aibot::{
     AibotOptions, Chat, Exchange, FakeAibot, FakeAibotApp, PassiveReply, Refresh, Reply,
@@ -109,6 +113,9 @@ pub enum SimCommand {
     /// Hold WeCom AI-bot conversations at a fixed arrival rate, refreshing each stream to
     /// its end, and measure refresh latency and whether every message got one answer.
     AibotLoad(AibotLoadArgs),
+    /// Push DingTalk bot messages at a fixed rate through a fake Stream gateway to the
+    /// ingresses connected to it; measure frame → ack, reconnects and one answer per message.
+    StreamLoad(StreamLoadArgs),
 }
 
 /// Runs a `parley sim` subcommand to completion.
@@ -185,6 +192,7 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
         SimCommand::Load(args) => run_load(args).await.map(|_| ()),
         SimCommand::NotifyLoad(args) => run_notify_load(args).await,
         SimCommand::AibotLoad(args) => run_aibot_load(args).await.map(|_| ()),
+        SimCommand::StreamLoad(args) => run_stream_load(args).await.map(|_| ()),
     }
 }
 
@@ -233,6 +241,14 @@ pub(crate) fn connectable(addr: SocketAddr) -> SocketAddr {
         }
         _ => addr,
     }
+}
+
+/// The first value of `name` in a raw query, percent-decoded the way the platforms'
+/// servlet containers do (`+` is a space, `%2B` a plus).
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// Serves `router` on `listener` in the background until `stop` is cancelled; every fake

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::query_param;
 use super::record::Recorder;
 use axum::Router;
 use axum::body::Bytes;
@@ -359,14 +360,6 @@ impl Inner {
 
 fn encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-/// The first value of `name` in a raw query, percent-decoded the way the platforms'
-/// servlet containers do (`+` is a space, `%2B` a plus).
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(query?.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
 }
 
 /// Strings of a JSON array field; non-strings are ignored.

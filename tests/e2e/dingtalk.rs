@@ -361,3 +361,45 @@ on_both_backends!(
     malformed_json_and_oversized_body_are_4xx_and_the_server_keeps_serving,
     admin_endpoints_report_readiness_and_metrics,
 );
+
+/// What one captured header pair can do (the signature covers only the timestamp): a body
+/// naming another robot is refused, and a sessionWebhook pointing off DingTalk's hosts is not
+/// used — the answer goes to the conversation through the OpenAPI instead.
+#[tokio::test]
+async fn a_forged_body_cannot_name_another_robot_or_send_the_answer_elsewhere() {
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let mut spec = app.group("rb-1", "hi");
+    spec.robot_code = "someone-else".into();
+    let resp = app.send(&spec).await;
+    assert_eq!(resp.status(), 403);
+    let mut body = app.body(&app.group("wh-1", "把历史发给我"));
+    body["sessionWebhook"] = "http://127.0.0.2:9/robot/sendBySession?session=x".into();
+    assert_eq!(app.send_body(&body).await.status(), 200);
+    let r = &app.replies(1).await[0];
+    assert_eq!(r.via, Via::GroupSend, "{r:#?}");
+    assert_eq!(r.conversation_id.as_deref(), Some("cid-group-1=="));
+    app.assert_settled_at(1).await;
+    assert_eq!(app.llm.request_count(), 1);
+}
+
+/// A signed callback announcing a 10 GB body is refused from its headers, not waited for.
+#[tokio::test]
+async fn a_body_announced_larger_than_the_limit_is_413_before_it_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let ts = shared::now_ms().to_string();
+    let sign = shared::platform::dingtalk::sign::sign(APP_SECRET, &ts);
+    let mut conn = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /dingtalk/main HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntimestamp: {ts}\r\nsign: {sign}\r\ncontent-length: 10000000000\r\n\r\n{{"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(app.llm.request_count(), 0);
+}

@@ -88,6 +88,10 @@ pub(crate) struct Options {
     pub(crate) dingtalk: String,
     /// Extra TOML lines for the WeCom AI bot `ai` (e.g. `stream_window_secs = 2`).
     pub(crate) aibot: String,
+    /// Replacements made in the finished configuration (e.g. a wrong app secret).
+    pub(crate) replace: Vec<(String, String)>,
+    /// Whether spawning waits for `/readyz` (false for apps meant never to be ready).
+    pub(crate) wait_ready: bool,
 }
 
 impl Default for Options {
@@ -102,6 +106,8 @@ impl Default for Options {
             extra: String::new(),
             dingtalk: String::new(),
             aibot: "welcome_text = \"你好，我是 AI 助手\"".into(),
+            replace: Vec::new(),
+            wait_ready: true,
         }
     }
 }
@@ -259,6 +265,12 @@ impl Running {
         self.stop.cancel();
         self.handle.await.unwrap().unwrap();
     }
+
+    /// Ends the role at once, as a crash would: nothing is drained, sockets just close.
+    pub(crate) async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
 }
 
 impl TestApp {
@@ -360,9 +372,16 @@ admin_listen = "127.0.0.1:0"
         // `[[llm.upstreams]]` in `opts.llm` name the stack's fake model as {LLM} (its `/v1`
         // base) or {LLM_ROOT} (the server itself, as an Azure resource).
         let root = llm.base_url().trim_end_matches("/v1").to_string();
-        let toml = toml
+        let mut toml = toml
             .replace("{LLM}", &llm.base_url())
             .replace("{LLM_ROOT}", &root);
+        for (from, to) in &opts.replace {
+            assert!(
+                toml.contains(from.as_str()),
+                "{from:?} is not in the configuration"
+            );
+            toml = toml.replace(from.as_str(), to);
+        }
         let settings = Settings::from_toml(&toml, |_| None).unwrap();
         let topology = (backend == Backend::Brokers)
             .then(|| BrokerTopology::of(&settings, opts.amqp_url.as_deref().unwrap_or(AMQP_URL)));
@@ -376,13 +395,14 @@ admin_listen = "127.0.0.1:0"
         let ready = format!("http://{admin}/readyz");
         // Declaring quorum queues is slow when many tests start apps at once.
         let deadline = tokio::time::Instant::now() + 3 * WAIT;
-        loop {
-            let ok = client
+        let mut ready_yet = !opts.wait_ready;
+        while !ready_yet {
+            ready_yet = client
                 .get(&ready)
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200);
-            if ok {
+            if ready_yet {
                 break;
             }
             assert!(

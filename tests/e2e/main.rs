@@ -33,5 +33,7 @@ mod cards;
 mod dingtalk;
 mod helpers;
 mod limits;
+mod listener;
 mod notify;
+mod stream;
 mod wecom;

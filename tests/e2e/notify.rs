@@ -266,3 +266,44 @@ async fn notify_command_sends_one_message_from_the_command_line() {
     assert!(got[0].content.starts_with("nightly backup done"));
     assert!(got[0].content.contains("告警"));
 }
+
+/// A key that is there but unusable is a 400, not ignored (ignoring it would deliver the
+/// caller's retries twice); nothing is queued.
+#[tokio::test]
+async fn malformed_idempotency_key_is_400_and_nothing_is_sent() {
+    let n = spawn(Backend::Embedded).await;
+    let url = format!("http://{}/notify/wx", n.app.addr);
+    let long = "k".repeat(129);
+    let cases: Vec<Vec<&[u8]>> = vec![
+        vec![b""],
+        vec![long.as_bytes()],
+        vec![b"has space"],
+        vec!["中文".as_bytes()],
+        vec![b"a", b"b"],
+    ];
+    for values in cases {
+        let mut req = n.app.client.post(&url).bearer_auth(TOKEN);
+        for v in &values {
+            req = req.header(
+                "idempotency-key",
+                reqwest::header::HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        let resp = req.json(&json!({"text": "x"})).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{values:?}");
+    }
+    let ok = n
+        .app
+        .client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "retry-1")
+        .json(&json!({"text": "once"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 202);
+    n.robots.wait_for(1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(n.robots.received().len(), 1);
+}

@@ -195,3 +195,50 @@ on_both_backends!(
     wecom_enter_agent_gets_the_welcome_text_and_other_events_are_ignored,
     wecom_forged_and_corrupted_callbacks_are_rejected_without_a_job,
 );
+
+/// What one captured request can do: a verification outside the hour's window is refused,
+/// and a captured message replayed as a verification (its `Encrypt` as `echostr`, with the
+/// same signature) is never answered decrypted.
+#[tokio::test]
+async fn url_verification_is_windowed_and_never_decrypts_a_message() {
+    let app = TestApp::spawn(Backend::Embedded).await;
+    let crypto =
+        shared::platform::wecom::crypto::WecomCrypto::new(WECOM_TOKEN, WECOM_AES_KEY, CORP_ID)
+            .unwrap();
+    let get = |query: String| {
+        let url = format!("{}?{query}", app.wecom_url());
+        let client = app.client.clone();
+        async move { client.get(url).send().await.unwrap() }
+    };
+    let echostr = crypto.encrypt("1616140317555161061");
+    let encoded = form_encoded(&echostr);
+    let old = (shared::now_ms() / 1000 - 30 * 86_400).to_string();
+    let sig = crypto.signature(&old, "n1", &echostr);
+    let resp = get(format!(
+        "msg_signature={sig}&timestamp={old}&nonce=n1&echostr={encoded}"
+    ))
+    .await;
+    assert_eq!(resp.status(), 403, "30 days old");
+    let (query, body) = app.wecom.callback(CORP_ID, &text("7100", "机密内容"));
+    let encrypt = body
+        .split("<Encrypt><![CDATA[")
+        .nth(1)
+        .and_then(|r| r.split("]]>").next())
+        .unwrap();
+    let encoded = form_encoded(encrypt);
+    let resp = get(format!("{query}&echostr={encoded}")).await;
+    assert_eq!(resp.status(), 400);
+    let text = resp.text().await.unwrap();
+    assert!(
+        !text.contains("机密内容") && !text.contains("<xml"),
+        "{text}"
+    );
+    assert_eq!(app.wecom.sent().len(), 0);
+}
+
+/// Base64 made safe for a query string.
+fn form_encoded(b64: &str) -> String {
+    b64.replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D")
+}

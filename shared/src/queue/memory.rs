@@ -1,12 +1,13 @@
-//! The embedded job queue used by `parley serve` without a broker: bounded, with the same
-//! settle semantics as the broker backend, including "a delivery dropped without being
-//! settled goes back to the queue".
+//! The embedded job queue used by `parley serve` without a broker: bounded for new jobs,
+//! with the same settle semantics as the broker backend, including "a delivery dropped
+//! without being settled goes back to the queue". The bound applies to new callbacks only:
+//! a retry, a redelivery or a replayed dead letter is an accepted job and always goes back.
 
 use super::{DeadLetter, Delivery, JobQueue, QueueError, Settle, Settlement};
 use crate::job::Job;
 use async_trait::async_trait;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
@@ -24,8 +25,12 @@ pub struct MemoryQueue {
 struct MemoryInner {
     /// The lane it serves (`chat`, `notify`): its depth metric's label.
     lane: &'static str,
-    tx: mpsc::Sender<Envelope>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Envelope>>,
+    /// New jobs beyond this many waiting are refused.
+    capacity: usize,
+    /// Jobs waiting.
+    depth: AtomicUsize,
+    tx: mpsc::UnboundedSender<Envelope>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Envelope>>,
     dead: Mutex<Vec<DeadLetter>>,
 }
 
@@ -40,10 +45,12 @@ impl fmt::Debug for MemoryQueue {
 impl MemoryQueue {
     /// A queue holding at most `capacity` waiting jobs of `lane` (`chat`, `notify`).
     pub fn new(capacity: usize, lane: &'static str) -> Self {
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, rx) = mpsc::unbounded_channel();
         Self {
             inner: Arc::new(MemoryInner {
                 lane,
+                capacity,
+                depth: AtomicUsize::new(0),
                 tx,
                 rx: tokio::sync::Mutex::new(rx),
                 dead: Mutex::new(Vec::new()),
@@ -53,7 +60,7 @@ impl MemoryQueue {
 
     /// Jobs waiting (not in flight).
     pub fn depth(&self) -> usize {
-        self.inner.tx.max_capacity() - self.inner.tx.capacity()
+        self.inner.depth.load(Ordering::SeqCst)
     }
 
     fn record_depth(&self) {
@@ -63,14 +70,14 @@ impl MemoryQueue {
             .set(self.depth() as i64);
     }
 
+    /// Queues a job that was already accepted (a retry, a redelivery, a replay): never
+    /// refused for the bound.
     fn push(&self, job: Job, attempt: u32) -> Result<(), QueueError> {
-        self.inner
-            .tx
-            .try_send(Envelope { job, attempt })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => QueueError::Full,
-                mpsc::error::TrySendError::Closed(_) => QueueError::Unavailable("closed".into()),
-            })?;
+        self.inner.depth.fetch_add(1, Ordering::SeqCst);
+        if self.inner.tx.send(Envelope { job, attempt }).is_err() {
+            self.inner.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(QueueError::Unavailable("closed".into()));
+        }
         self.record_depth();
         Ok(())
     }
@@ -79,7 +86,30 @@ impl MemoryQueue {
 #[async_trait]
 impl JobQueue for MemoryQueue {
     async fn publish(&self, job: &Job) -> Result<(), QueueError> {
-        self.push(job.clone(), 1)
+        // Reserve a place first, so concurrent publishers cannot overshoot the bound.
+        let taken = self
+            .inner
+            .depth
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                (d < self.inner.capacity).then_some(d + 1)
+            });
+        if taken.is_err() {
+            return Err(QueueError::Full);
+        }
+        if self
+            .inner
+            .tx
+            .send(Envelope {
+                job: job.clone(),
+                attempt: 1,
+            })
+            .is_err()
+        {
+            self.inner.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(QueueError::Unavailable("closed".into()));
+        }
+        self.record_depth();
+        Ok(())
     }
 
     async fn next(&self) -> Result<Delivery, QueueError> {
@@ -89,6 +119,7 @@ impl JobQueue for MemoryQueue {
                 .await
                 .ok_or_else(|| QueueError::Unavailable("closed".into()))?
         };
+        self.inner.depth.fetch_sub(1, Ordering::SeqCst);
         self.record_depth();
         let settler = MemorySettle {
             queue: self.clone(),
@@ -222,6 +253,28 @@ mod tests {
             q.publish(&sample_job("b", "hi")).await,
             Err(QueueError::Full)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_retry_goes_back_even_when_new_jobs_filled_the_queue() {
+        let q = MemoryQueue::new(1, "chat");
+        q.publish(&sample_job("a", "hi")).await.unwrap();
+        let d = q.next().await.unwrap();
+        q.publish(&sample_job("b", "hi")).await.unwrap();
+        d.settle(Settlement::Retry {
+            delay: Duration::from_millis(10),
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(q.depth(), 2, "the retry is back beside the new job");
+        assert!(matches!(
+            q.publish(&sample_job("c", "hi")).await,
+            Err(QueueError::Full)
+        ));
+        let ids = [q.next().await.unwrap(), q.next().await.unwrap()]
+            .map(|d| (d.job.id.clone(), d.attempt));
+        assert_eq!(ids, [("b".to_string(), 1), ("a".to_string(), 2)]);
     }
 
     #[tokio::test]

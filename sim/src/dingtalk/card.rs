@@ -646,25 +646,14 @@ pub(super) async fn update(
 #[cfg(test)]
 mod tests {
     use super::super::{
-        ACCESS_TOKEN_HEADER, EndpointStats, FakeApp, GROUP_SEND_PATH, ORG_QUOTA_CODE,
-        QPS_LIMIT_CODE,
+        ACCESS_TOKEN_HEADER, EndpointStats, GROUP_SEND_PATH, ORG_QUOTA_CODE, QPS_LIMIT_CODE,
     };
     use super::*;
     use reqwest::Method;
 
     const TEMPLATE: &str = "382e4302-551d-4880-bf29-a30acfab2e71.schema";
 
-    async fn fake() -> FakeDingTalk {
-        FakeDingTalk::start(
-            "127.0.0.1:0".parse().unwrap(),
-            vec![
-                FakeApp::new("app1", "secret1"),
-                FakeApp::new("app2", "secret2"),
-            ],
-        )
-        .await
-        .unwrap()
-    }
+    use crate::dingtalk::two_app_fake as fake;
 
     /// A client with app1's token.
     struct Api {

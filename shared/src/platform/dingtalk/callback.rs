@@ -16,6 +16,22 @@ pub enum CallbackError {
     /// A field we cannot answer without is absent or empty.
     #[error("callback lacks {0}")]
     Missing(&'static str),
+    /// The callback names another robot than the bot it was delivered to.
+    #[error("callback is for another robot")]
+    WrongRobot,
+}
+
+/// Refuses a callback whose `robotCode` is not `robot_code`, the bot's: a callback signed
+/// for one app (the signature covers only the timestamp) must not speak for another.
+pub fn check_robot(job: &Job, robot_code: &str) -> Result<(), CallbackError> {
+    let ReplyTarget::DingTalk(target) = &job.reply else {
+        return Err(CallbackError::Missing("robotCode"));
+    };
+    match target.robot_code.as_deref() {
+        None => Err(CallbackError::Missing("robotCode")),
+        Some(code) if code == robot_code => Ok(()),
+        Some(_) => Err(CallbackError::WrongRobot),
+    }
 }
 
 #[derive(Deserialize)]
@@ -170,6 +186,22 @@ mod tests {
                 kind: "picture".into()
             }
         );
+    }
+
+    #[test]
+    fn the_robot_code_must_be_the_bots() {
+        let job = parse("main", GROUP.as_bytes(), 5).unwrap();
+        assert!(check_robot(&job, "dingbot").is_ok());
+        assert!(matches!(
+            check_robot(&job, "other"),
+            Err(CallbackError::WrongRobot)
+        ));
+        let none = GROUP.replace(r#""robotCode": "dingbot","#, "");
+        let job = parse("main", none.as_bytes(), 5).unwrap();
+        assert!(matches!(
+            check_robot(&job, "dingbot"),
+            Err(CallbackError::Missing("robotCode"))
+        ));
     }
 
     #[test]

@@ -267,6 +267,35 @@ fn webhook_table(status: StatusCode, body: &Value) -> Verdict<Webhook> {
     }
 }
 
+/// Whether a callback's `sessionWebhook` may be posted to: HTTPS on DingTalk's domain, the
+/// exact origin (scheme, host, port) of the bot's `api_base` (so the fakes work), or HTTPS on
+/// a host of `session_webhook_hosts`. A DingTalk callback's signature does not cover its
+/// body, so a captured header pair could otherwise send an answer built on the victim
+/// conversation's history to any host.
+pub fn webhook_allowed(bot: &DingTalkBot, webhook: &str) -> bool {
+    let Ok(url) = url::Url::parse(webhook) else {
+        return false;
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return false;
+    }
+    let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
+        return false;
+    };
+    if url::Url::parse(&bot.api_base).is_ok_and(|base| base.origin() == url.origin()) {
+        return true;
+    }
+    if url.scheme() != "https" || url.port().is_some_and(|p| p != 443) {
+        return false;
+    }
+    host == "dingtalk.com"
+        || host.ends_with(".dingtalk.com")
+        || bot
+            .session_webhook_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&host))
+}
+
 #[async_trait]
 impl Messenger for DingTalkMessenger {
     fn limit(&self, _markdown: bool) -> Limit {
@@ -281,6 +310,16 @@ impl Messenger for DingTalkMessenger {
             target
                 .session_webhook_expires_ms
                 .is_none_or(|exp| exp - crate::now_ms() > WEBHOOK_MARGIN_MS)
+        });
+        let webhook = webhook.filter(|url| {
+            let allowed = webhook_allowed(&self.bot, url);
+            if !allowed {
+                tracing::warn!(
+                    webhook = %crate::untrusted::clip(url, 120),
+                    "sessionWebhook not on DingTalk's hosts; answering through the OpenAPI"
+                );
+            }
+            allowed
         });
         if let Some(url) = webhook {
             match self.via_webhook(url, target, message).await? {
@@ -300,5 +339,50 @@ impl Messenger for DingTalkMessenger {
     fn working_notice_after(&self) -> Option<Duration> {
         (self.bot.working_notice_secs > 0)
             .then(|| Duration::from_secs(self.bot.working_notice_secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::webhook_allowed;
+    use crate::config::DingTalkBot;
+
+    fn bot(extra: &str) -> DingTalkBot {
+        toml::from_str(&format!(
+            "id = \"m\"\napp_key = \"k\"\napp_secret = \"s\"\napi_base = \"http://127.0.0.1:9100\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn session_webhooks_only_on_dingtalk_the_api_base_or_listed_hosts() {
+        let b = bot("session_webhook_hosts = [\"dt-proxy.corp.example\"]");
+        for ok in [
+            "https://oapi.dingtalk.com/robot/sendBySession?session=s",
+            "https://OAPI.DingTalk.com:443/robot/sendBySession?session=s",
+            "http://127.0.0.1:9100/robot/sendBySession?session=s",
+            "https://dt-proxy.corp.example/robot/sendBySession?session=s",
+        ] {
+            assert!(webhook_allowed(&b, ok), "{ok}");
+        }
+        for bad in [
+            "http://oapi.dingtalk.com/robot/sendBySession",
+            "https://oapi.dingtalk.com:8443/robot/sendBySession",
+            "https://evil.example/robot/sendBySession",
+            "https://dingtalk.com.evil.example/x",
+            "https://evildingtalk.com/x",
+            "https://user@oapi.dingtalk.com/x",
+            "http://127.0.0.1:9101/robot/sendBySession",
+            "https://127.0.0.1:9100/robot/sendBySession",
+            "http://dt-proxy.corp.example/x",
+            "not a url",
+            "",
+        ] {
+            assert!(!webhook_allowed(&b, bad), "{bad}");
+        }
+        assert!(!webhook_allowed(
+            &bot(""),
+            "https://dt-proxy.corp.example/x"
+        ));
     }
 }

@@ -57,7 +57,8 @@ pub fn verify_callback(
         .trim()
         .parse()
         .map_err(|_| SignError::MalformedTimestamp)?;
-    if (now_ms - ts).abs() > MAX_SKEW_MS {
+    // abs_diff: `now - ts` overflows (and `abs` wraps) for timestamps near i64::MIN.
+    if now_ms.abs_diff(ts) > MAX_SKEW_MS.unsigned_abs() {
         return Err(SignError::StaleTimestamp);
     }
     let expected = sign(secret, timestamp);
@@ -163,5 +164,18 @@ mod tests {
             verify_callback("secret", None, Some(&good), 0),
             Err(SignError::MissingHeader)
         );
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_stale_not_wrapped() {
+        let now = 1_700_000_000_000_i64;
+        for ts in [i64::MIN, i64::MIN + now, i64::MAX, -now] {
+            let ts = ts.to_string();
+            assert_eq!(
+                verify_callback("secret", Some(&ts), Some(&sign("secret", &ts)), now),
+                Err(SignError::StaleTimestamp),
+                "{ts}"
+            );
+        }
     }
 }

@@ -30,7 +30,8 @@ pub fn check_timestamp(timestamp: &str, now_ms: i64) -> Result<(), TimestampErro
         .trim()
         .parse()
         .map_err(|_| TimestampError::Malformed)?;
-    if (now_ms / 1000 - ts).abs() > MAX_SKEW_SECS {
+    // abs_diff: `now - ts` overflows (and `abs` wraps) for timestamps near i64::MIN.
+    if (now_ms / 1000).abs_diff(ts) > MAX_SKEW_SECS.unsigned_abs() {
         return Err(TimestampError::Stale);
     }
     Ok(())
@@ -147,6 +148,13 @@ mod tests {
             check_timestamp("17e8", now_ms),
             Err(TimestampError::Malformed)
         );
+        for ts in [i64::MIN, i64::MIN + now_ms / 1000, i64::MAX] {
+            assert_eq!(
+                check_timestamp(&ts.to_string(), now_ms),
+                Err(TimestampError::Stale),
+                "{ts}"
+            );
+        }
     }
 
     #[test]

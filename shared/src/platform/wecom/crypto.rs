@@ -80,7 +80,14 @@ pub enum CryptoError {
     /// The decrypted message is not valid UTF-8.
     #[error("message is not valid UTF-8")]
     NotUtf8,
+    /// A URL verification's `echostr` decrypted to something other than a verification
+    /// token (a captured message's `Encrypt` replayed to have it decrypted).
+    #[error("echostr is not a verification token")]
+    NotAnEchostr,
 }
+
+/// Longest verification token answered, in characters.
+const MAX_ECHOSTR_CHARS: usize = 128;
 
 /// Signs, verifies, encrypts and decrypts WeCom callback payloads for one app or bot.
 ///
@@ -213,7 +220,23 @@ impl WecomCrypto {
         nonce: &str,
         echostr: &str,
     ) -> Result<String, CryptoError> {
-        self.decrypt_verified(msg_signature, timestamp, nonce, echostr)
+        let plain = self.decrypt_verified(msg_signature, timestamp, nonce, echostr)?;
+        // A verification token is a short line of text (WeCom's are ~20 digits). A message
+        // is XML (apps) or JSON (AI bots): its ciphertext replayed as a verification must
+        // never come back decrypted.
+        let message = matches!(
+            plain.trim_start().as_bytes().first(),
+            Some(b'<' | b'{' | b'[')
+        );
+        let token = !plain.is_empty()
+            && plain.chars().count() <= MAX_ECHOSTR_CHARS
+            && !message
+            && !plain.chars().any(char::is_control);
+        if token {
+            Ok(plain)
+        } else {
+            Err(CryptoError::NotAnEchostr)
+        }
     }
 
     /// Encrypts `msg` with a caller-chosen 16-byte prefix. Deterministic, so tests can
@@ -395,6 +418,45 @@ mod tests {
             "wrong_receiveid" => CryptoError::ReceiveIdMismatch,
             other => panic!("unknown error kind {other:?} in vectors"),
         }
+    }
+
+    #[test]
+    fn verify_url_never_echoes_a_message() {
+        let c = WecomCrypto::new(
+            "token",
+            "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt",
+            "ww1",
+        )
+        .unwrap();
+        for plain in [
+            "<xml><Content>secret</Content></xml>",
+            "  <xml/>",
+            "{\"msgid\":\"1\"}",
+            "[1]",
+            "line\nbreak",
+            "",
+        ] {
+            let enc = c.encrypt(plain);
+            let sig = c.signature("1", "n", &enc);
+            assert_eq!(
+                c.verify_url(&sig, "1", "n", &enc),
+                Err(CryptoError::NotAnEchostr),
+                "{plain:?}"
+            );
+        }
+        let long = "9".repeat(MAX_ECHOSTR_CHARS + 1);
+        let enc = c.encrypt(&long);
+        let sig = c.signature("1", "n", &enc);
+        assert_eq!(
+            c.verify_url(&sig, "1", "n", &enc),
+            Err(CryptoError::NotAnEchostr)
+        );
+        let enc = c.encrypt("1616140317555161061");
+        let sig = c.signature("1", "n", &enc);
+        assert_eq!(
+            c.verify_url(&sig, "1", "n", &enc).as_deref(),
+            Ok("1616140317555161061")
+        );
     }
 
     #[test]
