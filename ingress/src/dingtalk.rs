@@ -58,7 +58,25 @@ async fn handle(
         .0
         .get(&call.target)
         .ok_or(Rejection::UnknownBot)?;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // A repeated header is not guessed at: only a single value counts.
+    let header = |name: &str| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => v.to_str().ok(),
+            _ => None,
+        }
+    };
+    // DingTalk posts JSON; a body declared as anything else is not a callback.
+    if let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) {
+        let json = ct.to_str().is_ok_and(|ct| {
+            ct.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+        if !json {
+            return Err(Rejection::WrongContentType);
+        }
+    }
     let now = shared::now_ms();
     sign::verify_callback(
         bot.app_secret.expose(),

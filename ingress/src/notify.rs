@@ -53,11 +53,14 @@ async fn handle(
     let (Some(channel), Some(queue)) = (inner.channels.get(channel_id), &inner.notify_queue) else {
         return Err(Rejection::UnknownBot);
     };
-    let presented = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let mut auth = headers.get_all("authorization").iter();
+    let presented = match (auth.next(), auth.next()) {
+        (Some(v), None) => Some(v),
+        _ => None,
+    }
+    .and_then(|v| v.to_str().ok())
+    .and_then(|v| v.strip_prefix("Bearer "))
+    .unwrap_or_default();
     if !bool::from(
         presented
             .as_bytes()

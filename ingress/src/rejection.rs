@@ -24,6 +24,9 @@ pub enum Rejection {
     /// The body could not be read.
     #[error("body unreadable")]
     Unreadable,
+    /// The body is declared as something other than what the platform sends.
+    #[error("wrong content type")]
+    WrongContentType,
     /// The body did not arrive within `[server] body_timeout_secs`.
     #[error("body too slow")]
     SlowBody,
@@ -83,6 +86,7 @@ impl Rejection {
             Rejection::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Rejection::Unreadable => (StatusCode::BAD_REQUEST, "unreadable"),
             Rejection::SlowBody => (StatusCode::REQUEST_TIMEOUT, "slow_body"),
+            Rejection::WrongContentType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "malformed"),
             Rejection::Signature(SignError::MissingHeader | SignError::SignatureMismatch) => {
                 (StatusCode::UNAUTHORIZED, "bad_signature")
             }

@@ -28,6 +28,7 @@ macro_rules! on_both_backends {
 }
 
 mod aibot;
+mod bad_input;
 mod brokers;
 mod cards;
 mod dingtalk;
