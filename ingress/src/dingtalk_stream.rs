@@ -524,29 +524,17 @@ impl Connection {
             .inc();
     }
 
-    /// Decides what a text frame needs.
+    /// Decides what a text frame needs, and counts and logs it.
     fn frame(&self, text: &str) -> Step {
         let started = Instant::now();
-        let frame: Frame = match serde_json::from_str(text) {
-            Ok(f) => f,
-            Err(e) => {
+        match decode(&self.bot, text, shared::now_ms()) {
+            Decoded::Malformed(why) => {
                 self.count("unknown", "malformed");
-                tracing::warn!(error = %e, len = text.len(), "unparseable stream frame ignored");
-                return Step::Nothing;
+                tracing::warn!(error = %why, len = text.len(), "unparseable stream frame ignored");
+                Step::Nothing
             }
-        };
-        let Some(message_id) = frame.header("messageId").map(str::to_string) else {
-            self.count("unknown", "malformed");
-            tracing::warn!("stream frame without messageId ignored");
-            return Step::Nothing;
-        };
-        let topic = frame.header("topic").unwrap_or_default().to_string();
-        match frame.kind.as_str() {
-            "SYSTEM" => {
-                // Every system frame is answered with its own headers and data (the SDKs do
-                // so; for `ping` the platform checks it).
-                let ack = Ack::echo(&frame, &message_id);
-                if topic == "disconnect" {
+            Decoded::System { ack, disconnect } => {
+                if disconnect {
                     self.count("system", "disconnect");
                     Step::Disconnect(ack)
                 } else {
@@ -554,15 +542,9 @@ impl Connection {
                     Step::Reply(ack)
                 }
             }
-            "CALLBACK" if topic == BOT_MESSAGE_TOPIC => {
+            Decoded::Callback { message_id, job } => {
                 let call = Call::new("dingtalk_stream", self.bot.id.clone());
-                let data = frame.data.as_deref().unwrap_or_default();
-                let parsed = callback::parse(&self.bot.id, data.as_bytes(), shared::now_ms())
-                    .and_then(|job| {
-                        callback::check_robot(&job, self.bot.robot_code())?;
-                        Ok(job)
-                    });
-                match parsed {
+                match *job {
                     Ok(job) => Step::Queue(
                         Box::new((call.traced(job), call.span())),
                         Ack::new(200, &message_id, "OK", &json!({ "response": "OK" }))
@@ -578,20 +560,87 @@ impl Connection {
                     }
                 }
             }
-            kind => {
-                let kind = match kind {
-                    "CALLBACK" => "callback",
-                    "EVENT" => "event",
-                    _ => "unknown",
-                };
+            Decoded::Unsupported { kind, topic, ack } => {
                 self.count(kind, "unsupported");
                 tracing::info!(
                     topic = %shared::untrusted::clip(&topic, 100),
                     "stream frame not subscribed to; answered not implemented"
                 );
-                Step::Reply(Ack::new(404, &message_id, "not implemented", &json!({})))
+                Step::Reply(ack)
             }
         }
+    }
+}
+
+/// What a Stream frame asks of its connection, decided from its text alone.
+#[derive(Debug)]
+pub enum Decoded {
+    /// Not a frame (not JSON, or without a messageId): nothing can be answered.
+    Malformed(String),
+    /// A `SYSTEM` frame and its answer (its own headers and data); `disconnect` ends the
+    /// connection after it.
+    System {
+        /// The answer.
+        ack: Ack,
+        /// The platform is about to close the connection.
+        disconnect: bool,
+    },
+    /// A bot message: its job, or why it is refused (a 400 ack).
+    Callback {
+        /// The frame's id, for the ack.
+        message_id: String,
+        /// The job, as the HTTP callback's would be (boxed: a Job is large).
+        job: Box<Result<shared::job::Job, callback::CallbackError>>,
+    },
+    /// A frame of a kind or topic not taken: answered 404 "not implemented".
+    Unsupported {
+        /// `callback`, `event` or `unknown` (the metric's type label).
+        kind: &'static str,
+        /// Its topic, untrusted.
+        topic: String,
+        /// The answer.
+        ack: Ack,
+    },
+}
+
+/// Decodes one text frame for `bot` (PROTOCOLS.md §d.3): pure, so tests and the fuzzer
+/// reach it without a connection.
+pub fn decode(bot: &DingTalkBot, text: &str, now_ms: i64) -> Decoded {
+    let frame: Frame = match serde_json::from_str(text) {
+        Ok(f) => f,
+        Err(e) => return Decoded::Malformed(e.to_string()),
+    };
+    let Some(message_id) = frame.header("messageId").map(str::to_string) else {
+        return Decoded::Malformed("no messageId".into());
+    };
+    let topic = frame.header("topic").unwrap_or_default().to_string();
+    match frame.kind.as_str() {
+        // Every system frame is answered with its own headers and data (the SDKs do so; for
+        // `ping` the platform checks it).
+        "SYSTEM" => Decoded::System {
+            ack: Ack::echo(&frame, &message_id),
+            disconnect: topic == "disconnect",
+        },
+        "CALLBACK" if topic == BOT_MESSAGE_TOPIC => {
+            let data = frame.data.as_deref().unwrap_or_default();
+            let job = callback::parse(&bot.id, data.as_bytes(), now_ms).and_then(|job| {
+                callback::check_robot(&job, bot.robot_code())?;
+                Ok(job)
+            });
+            Decoded::Callback {
+                message_id,
+                job: Box::new(job),
+            }
+        }
+        kind => Decoded::Unsupported {
+            kind: match kind {
+                "CALLBACK" => "callback",
+                "EVENT" => "event",
+                _ => "unknown",
+            },
+            topic,
+            ack: Ack::new(404, &message_id, "not implemented", &json!({})),
+        },
     }
 }
 
@@ -656,12 +705,18 @@ impl Frame {
 }
 
 /// An upstream ack frame, and when its frame arrived.
-struct Ack {
+#[derive(Debug)]
+pub struct Ack {
     body: String,
     started: Option<Instant>,
 }
 
 impl Ack {
+    /// The ack's JSON text, as sent on the socket.
+    pub fn text(&self) -> &str {
+        &self.body
+    }
+
     fn new(code: u16, message_id: &str, message: &str, data: &Value) -> Self {
         let body = json!({
             "code": code,

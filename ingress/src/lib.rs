@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 mod dingtalk;
-mod dingtalk_stream;
+pub mod dingtalk_stream;
 mod notify;
 mod rejection;
 pub mod server;
