@@ -14,7 +14,6 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use shared::config::ServerSettings;
 use std::collections::HashMap;
-use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -180,14 +179,6 @@ struct Registry {
 struct RegistryInner {
     next: u64,
     open: HashMap<u64, Arc<Conn>>,
-}
-
-impl fmt::Debug for Registry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry")
-            .field("open", &self.len())
-            .finish()
-    }
 }
 
 impl Registry {
