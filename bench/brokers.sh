@@ -183,7 +183,7 @@ PY
 fi
 
 # The fake model (1 s per answer) and fake DingTalk OpenAPI, on core 1.
-taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19100 --openai-listen 127.0.0.1:19200 \
+taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19101 --openai-listen 127.0.0.1:19200 \
   --app "bench-app:$SECRET" --api-key sk-bench --llm-latency-ms 1000 >"$WORK/sim.log" 2>&1 &
 PIDS+=($!)
 wait_http -H "Authorization: Bearer sk-bench" http://127.0.0.1:19200/v1/models
@@ -194,7 +194,7 @@ echo "== 2. Ack latency at 1,000 req/s, open loop, 30 s: 1 ingress + 1 worker (b
 # generator + scheduling on this box) and bare_publish open loop at the same rate (the
 # broker's own confirm latency, with no consumer on its queue).
 taskset -c 0 "$BARE_SERVER" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=("$B"); sleep 0.3
-taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench --app-secret "$SECRET" \
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench --app-secret "$SECRET" --fake-listen 127.0.0.1:19100 \
   --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --json >"$WORK/bare-lat.out" 2>&1 &
 L=$!
 taskset -c 1 python3 bench/cpuwin.py 0 30 bare_server="$B" rabbitmq="$BEAM" redis="$REDIS" load="$L" >"$WORK/cpu.out"
@@ -214,7 +214,7 @@ config "$WORK/b.toml" "$PREFIX" 1500
 start_role ingress "$WORK/b.toml" 18080 18081; INGRESS=$ROLE_PID
 start_role worker "$WORK/b.toml" 18082 18083; WORKER=$ROLE_PID
 CI0=$(cpu_s "$INGRESS"); CW0=$(cpu_s "$WORKER"); Q0=$(cpu_s "$BEAM")
-taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" --fake-listen 127.0.0.1:19100 \
   --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --wait-replies-secs 15 \
   --json >"$WORK/lat.out" 2>&1 &
 L=$!
@@ -245,7 +245,7 @@ config "$WORK/c.toml" "$PREFIX" 1500
 start_role ingress "$WORK/c.toml" 18080 18081; INGRESS=$ROLE_PID
 start_role worker "$WORK/c.toml" 18082 18083; WORKER1=$ROLE_PID
 start_role worker "$WORK/c.toml" 18084 18085; WORKER2=$ROLE_PID
-taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" --fake-listen 127.0.0.1:19100 \
   --robot-code bench-app --rate 2000 --duration-secs 1 --conversations 2000 --wait-replies-secs 15 \
   --json >"$WORK/burst.out" 2>&1 &
 L=$!

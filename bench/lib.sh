@@ -109,9 +109,13 @@ cleanup_run() {
 }
 # start_parley ROLE CONFIG PORT: `parley serve` (PORT ignored; admin on PARLEY_PORT+1) or a role on
 # PORT (admin PORT+1), on core 0, logging to $WORK/parley.log; waits until ready; sets PARLEY.
+# `parley serve` starts in a fresh working directory under $WORK, so its data directory (the
+# default `[queue] path`, parley-data) holds nothing from an earlier section. CONFIG must be
+# an absolute path.
 start_parley() {
   if [ "$1" = serve ]; then
-    RUST_LOG=warn taskset -c 0 "$BIN" --config "$2" serve >>"$WORK/parley.log" 2>&1 &
+    local dir; dir=$(mktemp -d -p "$WORK" serve.XXXX)
+    (cd "$dir" && RUST_LOG=warn exec taskset -c 0 "$BIN" --config "$2" serve >>"$WORK/parley.log" 2>&1) &
     PARLEY=$!; PIDS+=("$PARLEY")
     wait_http "http://127.0.0.1:$((PARLEY_PORT + 1))/readyz"
   else

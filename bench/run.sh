@@ -44,8 +44,10 @@ for name, r in reports:
 print(f"   {label} p99 {reports[-1][1]['ack_latency_ms']['p99']:.2f} ms (target < 10 ms)")
 PY
 
-# The fake model (1 s per answer) and fake DingTalk OpenAPI, on core 1.
-taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19100 --openai-listen 127.0.0.1:19200 \
+# The fake model (1 s per answer), on core 1. The DingTalk the bot talks to (api_base 19100) is
+# the load generator's own fake, so the sessionWebhooks it hands out share the bot's origin and
+# every reply is counted; sim serve's DingTalk (19101) is unused.
+taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19101 --openai-listen 127.0.0.1:19200 \
   --app "bench-app:$SECRET" --api-key sk-bench --llm-latency-ms 1000 >"$WORK/sim.log" 2>&1 &
 PIDS+=($!)
 wait_http -H "Authorization: Bearer sk-bench" http://127.0.0.1:19200/v1/models
@@ -79,6 +81,8 @@ agent_id = $AGENT_ID
 token = "$WECOM_TOKEN"
 encoding_aes_key = "$WECOM_AES_KEY"
 api_base = "http://$WECOM_FAKE"
+# Above WeCom's default 2,000 calls a minute, so all 30,000 replies of the run go out.
+api_per_minute = 1000000
 TOML
 
 PARLEY_PORT=18080 # parley serve; admin +1
@@ -114,12 +118,12 @@ PY
 
 echo "== 2. Ack latency at 1,000 req/s, open loop, 30 s, full pipeline (fake model at 1 s, replies awaited)"
 taskset -c 0 "$BARE" 127.0.0.1:18090 >/dev/null 2>&1 & B=$!; PIDS+=($B); sleep 0.3
-taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench --app-secret "$SECRET" \
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18090/dingtalk/bench --app-secret "$SECRET" --fake-listen 127.0.0.1:19100 \
   --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --json >"$WORK/bare-lat.out" 2>&1
 stop $B
 start_parley serve "$WORK/full.toml"
 CPU0=$(cpu_s $PARLEY)
-taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" --fake-listen 127.0.0.1:19100 \
   --robot-code bench-app --rate 1000 --duration-secs 30 --conversations 1000 --wait-replies-secs 15 --json >"$WORK/parley-lat.out" 2>&1
 parley_usage $PARLEY "$CPU0" 30
 stop $PARLEY
@@ -127,7 +131,7 @@ python3 "$WORK/summary.py" "ack" "bare=$WORK/bare-lat.out" "parley=$WORK/parley-
 
 echo "== 3. Worker: 1,000 conversations at once (1,000 callbacks in 1 s), fake model at 1 s"
 start_parley serve "$WORK/full.toml"
-taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" \
+taskset -c 1 "$BIN" sim load --target http://127.0.0.1:18080/dingtalk/bench --app-secret "$SECRET" --fake-listen 127.0.0.1:19100 \
   --robot-code bench-app --rate 1000 --duration-secs 1 --conversations 1000 --wait-replies-secs 10 --json >"$WORK/burst.out" 2>&1
 echo "   parley RSS peak $(rss_mb $PARLEY) MB (target < 150 MB)"
 stop $PARLEY

@@ -21,7 +21,7 @@ PARLEY_PORT=18480
 PIDS=()
 trap cleanup_run EXIT
 
-taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19100 --openai-listen 127.0.0.1:19200 \
+taskset -c 1 "$BIN" sim serve --dingtalk-listen 127.0.0.1:19101 --openai-listen 127.0.0.1:19200 \
   --robots-listen 127.0.0.1:19300 --app "bench-app:$SECRET" --api-key sk-bench >"$WORK/sim.log" 2>&1 &
 PIDS+=($!)
 wait_http -H "Authorization: Bearer sk-bench" http://127.0.0.1:19200/v1/models
@@ -32,7 +32,7 @@ wait_http -H "Authorization: Bearer sk-bench" http://127.0.0.1:19200/v1/models
 start_parley serve "$WORK/p.toml"; P=$PARLEY
 
 load() { # load OUT: 200 signed callbacks a second for 20 s, replies awaited
-  taskset -c 1 "$BIN" sim load --target "http://127.0.0.1:$PARLEY_PORT/dingtalk/bench" --app-secret "$SECRET" \
+  taskset -c 1 "$BIN" sim load --target "http://127.0.0.1:$PARLEY_PORT/dingtalk/bench" --app-secret "$SECRET" --fake-listen 127.0.0.1:19100 \
     --robot-code bench-app --rate 200 --duration-secs 20 --conversations 1000 --wait-replies-secs 15 \
     --json >"$1" 2>&1
 }

@@ -3,7 +3,9 @@
 //! messenger per bot and the model client, binds the listeners (port 0 allowed, real port
 //! readable, so tests run many instances side by side), and runs until the shutdown token
 //! fires: first the ingress stops taking callbacks and drains, then the worker finishes
-//! what it holds, then the broker connection and the admin listener close.
+//! what it holds within the grace period (what it does not finish stays queued: in the
+//! broker, or in the embedded queue's data directory), then the broker connection and the
+//! admin listener close.
 
 use crate::admin::{self, Readiness};
 use anyhow::{Context, bail};
@@ -22,6 +24,7 @@ use shared::platform::wecom::client::WecomMessenger;
 use shared::platform::wecom_aibot::client::AibotMessenger;
 use shared::queue::amqp::AmqpQueue;
 use shared::queue::{JobQueue, MemoryQueue};
+use shared::store::{Snapshot, Store};
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -55,27 +58,29 @@ impl Roles {
 /// One job queue and the handles the lifecycle needs.
 struct Lane {
     queue: Arc<dyn JobQueue>,
-    /// Set for the embedded queue: what it holds must be worked off before exit.
-    memory: Option<MemoryQueue>,
     /// Set for RabbitMQ: closed last, so unsettled deliveries return to the broker.
     amqp: Option<AmqpQueue>,
 }
 
 impl Lane {
     /// A lane on the configured backend; `prefix` names its broker queues, `name` labels
-    /// the embedded queue's depth metric.
+    /// the embedded queue's depth metric and its jobs in the data directory.
     fn build(
         name: &'static str,
         queue: &QueueSettings,
         prefix: String,
         roles: Roles,
         max_concurrency: usize,
+        data: &mut Option<(Store, Snapshot)>,
     ) -> anyhow::Result<Self> {
         if queue.url.is_none() {
-            let q = MemoryQueue::new(queue.capacity, name);
+            let (store, snapshot) = data
+                .as_mut()
+                .expect("the embedded queue has its data directory");
+            let jobs = snapshot.take_jobs(name);
+            let q = MemoryQueue::durable(queue.capacity, name, store.clone(), jobs);
             return Ok(Self {
-                queue: Arc::new(q.clone()),
-                memory: Some(q),
+                queue: Arc::new(q),
                 amqp: None,
             });
         }
@@ -92,7 +97,6 @@ impl Lane {
         };
         Ok(Self {
             queue: Arc::new(q.clone()),
-            memory: None,
             amqp: Some(q),
         })
     }
@@ -114,12 +118,18 @@ impl Backends {
             );
         }
         let q = &settings.queue;
+        // The embedded backends keep what must outlive a crash in the data directory.
+        let mut data = match q.url.is_none() || settings.cache.url.is_none() {
+            true => Some(Store::open(&q.path, q.fsync).context("config: queue.path")?),
+            false => None,
+        };
         let chat = Lane::build(
             "chat",
             q,
             q.prefix.clone(),
             roles,
             settings.llm.max_concurrency,
+            &mut data,
         )?;
         let notify = if settings.channels.is_empty() {
             None
@@ -131,11 +141,15 @@ impl Backends {
                 prefix,
                 roles,
                 settings.notify.max_concurrency,
+                &mut data,
             )?)
         };
         let cache: Arc<dyn Cache> = match &settings.cache.url {
-            None => Arc::new(MemoryCache::new()),
             Some(_) => Arc::new(RedisCache::start(&settings.cache)?),
+            None => {
+                let (store, snapshot) = data.expect("the embedded cache has its data directory");
+                Arc::new(MemoryCache::durable(store, snapshot.values))
+            }
         };
         Ok(Self {
             chat,
@@ -276,7 +290,6 @@ impl Application {
                 .into_future(),
         );
         let worker_stop = CancellationToken::new();
-        let worker_view = self.workers.clone();
         let grace = self.grace;
         let running: Vec<_> = self
             .workers
@@ -307,33 +320,6 @@ impl Application {
                 Ok(())
             }
         };
-        if !worker_view.is_empty() {
-            // Embedded queues: what they hold exists nowhere else, so work it off first.
-            let pending = || {
-                let queued: usize = self
-                    .backends
-                    .lanes()
-                    .filter_map(|l| l.memory.as_ref())
-                    .map(|q| q.depth())
-                    .sum();
-                let memory = self.backends.lanes().any(|l| l.memory.is_some());
-                if memory {
-                    queued + worker_view.iter().map(Engine::taken).sum::<usize>()
-                } else {
-                    0
-                }
-            };
-            let deadline = tokio::time::Instant::now() + grace;
-            while pending() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if pending() > 0 {
-                tracing::error!(
-                    left = pending(),
-                    "shutdown grace over with jobs still queued"
-                );
-            }
-        }
         worker_stop.cancel();
         for w in running {
             let _ = w.await;

@@ -60,7 +60,8 @@ pub enum Command {
     Ingress(ListenArgs),
     /// The worker alone (needs RabbitMQ and Redis).
     Worker(ListenArgs),
-    /// Inspect and replay dead letters (needs RabbitMQ).
+    /// Inspect and replay dead letters (RabbitMQ's; or the data directory's, while no
+    /// `parley serve` uses it).
     Dlq {
         /// Which.
         #[command(subcommand)]
@@ -168,39 +169,64 @@ async fn run_role(config: Option<&Path>, listen: ListenArgs, roles: Roles) -> an
 }
 
 async fn dlq(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        settings.queue.url.is_some(),
-        "config: queue.url: dead letters are kept by RabbitMQ; the embedded queue's live in the serving process"
-    );
-    let queue = shared::queue::amqp::AmqpQueue::publisher(
-        &settings.queue,
-        &settings.queue.retry_delays_secs,
-    )?;
-    anyhow::ensure!(
-        queue.wait_ready(std::time::Duration::from_secs(10)).await,
-        "RabbitMQ not reachable within 10 s"
-    );
     use shared::queue::JobQueue;
-    let result = match command {
-        DlqCommand::List => {
-            let dead = queue.dead_letters().await?;
-            for d in &dead {
-                println!(
-                    "{}\t{} attempt(s)\t{}\t{}",
-                    d.job.id, d.attempts, d.at_ms, d.reason
-                );
-            }
-            println!("{} dead letter(s)", dead.len());
-            Ok(())
+    let q = &settings.queue;
+    // Broker: its dead-letter queue. Embedded: the data directory, while no process uses it.
+    let (queues, amqp): (Vec<Box<dyn JobQueue>>, _) = match &q.url {
+        Some(_) => {
+            let queue = shared::queue::amqp::AmqpQueue::publisher(q, &q.retry_delays_secs)?;
+            anyhow::ensure!(
+                queue.wait_ready(std::time::Duration::from_secs(10)).await,
+                "RabbitMQ not reachable within 10 s"
+            );
+            (vec![Box::new(queue.clone())], Some(queue))
         }
-        DlqCommand::Replay { all, id } => {
-            anyhow::ensure!(all || id.is_some(), "say --all or give a job id");
-            let n = queue.replay_dead_letters(id.as_deref()).await?;
-            println!("replayed {n} dead letter(s)");
-            Ok(())
+        None => {
+            let (store, mut snapshot) = shared::store::Store::open(&q.path, q.fsync).context(
+                "config: queue.path (stop `parley serve` first: it holds the directory)",
+            )?;
+            let lanes = ["chat", "notify"].map(|lane| {
+                let jobs = snapshot.take_jobs(lane);
+                Box::new(shared::queue::MemoryQueue::durable(
+                    q.capacity,
+                    lane,
+                    store.clone(),
+                    jobs,
+                )) as Box<dyn JobQueue>
+            });
+            (lanes.into(), None)
         }
     };
-    queue.close().await;
+    let result = async {
+        match command {
+            DlqCommand::List => {
+                let mut dead = Vec::new();
+                for queue in &queues {
+                    dead.extend(queue.dead_letters().await?);
+                }
+                for d in &dead {
+                    println!(
+                        "{}\t{} attempt(s)\t{}\t{}",
+                        d.job.id, d.attempts, d.at_ms, d.reason
+                    );
+                }
+                println!("{} dead letter(s)", dead.len());
+            }
+            DlqCommand::Replay { all, id } => {
+                anyhow::ensure!(all || id.is_some(), "say --all or give a job id");
+                let mut n = 0;
+                for queue in &queues {
+                    n += queue.replay_dead_letters(id.as_deref()).await?;
+                }
+                println!("replayed {n} dead letter(s)");
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(queue) = amqp {
+        queue.close().await;
+    }
     result
 }
 

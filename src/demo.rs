@@ -40,8 +40,11 @@ pub async fn run() -> anyhow::Result<()> {
         stack.dingtalk.clone().context("no fake DingTalk")?,
         &stack.llm,
     );
+    // A data directory of its own, so the demo runs beside a `parley serve` and leaves nothing.
+    let data = std::env::temp_dir().join(format!("parley-demo-{}", std::process::id()));
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[queue]\npath = {:?}\n{}",
+        data,
         stack.config_toml()
     );
     let settings = Settings::from_toml(&toml, |_| None)?;
@@ -140,7 +143,9 @@ pub async fn run() -> anyhow::Result<()> {
         );
     }
     shutdown.cancel();
-    running.await??;
+    let stopped = running.await;
+    let _ = std::fs::remove_dir_all(&data);
+    stopped??;
     ensure!(
         dingtalk.sent().len() == steps.len(),
         "expected exactly one answer per message"

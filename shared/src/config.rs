@@ -9,7 +9,7 @@ use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A configuration problem, always naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +223,14 @@ pub struct QueueSettings {
     /// answered in order; at most this many worker processes are busy at once. Every
     /// process sharing a prefix must use the same number. Default 8.
     pub shards: u16,
+    /// The data directory of the embedded queue and cache (`parley serve` without a
+    /// broker or without Redis): jobs, dead letters, answered markers and the rest live
+    /// there, so a crash loses nothing accepted. Relative to the working directory; one
+    /// process per directory. Default `parley-data`.
+    pub path: PathBuf,
+    /// Whether every commit to the data directory also waits for the disk (survives a power
+    /// loss, not only a crash of the process; slower). Default false.
+    pub fsync: bool,
 }
 
 impl Default for QueueSettings {
@@ -235,6 +243,8 @@ impl Default for QueueSettings {
             confirm_timeout_ms: 2000,
             retry_delays_secs: crate::queue::RETRY_TIERS_SECS.to_vec(),
             shards: DEFAULT_SHARDS,
+            path: PathBuf::from("parley-data"),
+            fsync: false,
         }
     }
 }
@@ -899,6 +909,12 @@ impl Settings {
             return Err(ConfigError::new(
                 "server.max_connections",
                 "max_connections and http2_max_streams must be at least 1",
+            ));
+        }
+        if self.queue.path.as_os_str().is_empty() {
+            return Err(ConfigError::new(
+                "queue.path",
+                "must name a directory (default parley-data)",
             ));
         }
         if self.llm.upstreams.is_empty() {

@@ -21,6 +21,7 @@ pub mod platform;
 pub mod queue;
 pub mod secret;
 pub mod split;
+pub mod store;
 pub mod untrusted;
 
 /// Milliseconds since the Unix epoch, the unit both platforms use for timestamps.

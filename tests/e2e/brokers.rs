@@ -56,28 +56,6 @@ fn group_spec(app: &TestApp, i: usize, text: &str) -> sim::CallbackSpec {
     )
 }
 
-/// Replies per conversation, to check "exactly one answer each".
-fn per_conversation(app: &TestApp) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for r in app.dingtalk.sent() {
-        *counts
-            .entry(r.conversation_id.unwrap_or_default())
-            .or_default() += 1;
-    }
-    counts
-}
-
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + LONG_WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Posts a callback the way the platform does: again and again while it gets 5xx.
 async fn deliver(app: &TestApp, body: &serde_json::Value) {
     for _ in 0..200 {
@@ -211,20 +189,7 @@ async fn poison_job_is_dead_lettered_after_max_attempts_the_user_told_and_replay
     );
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(app.toml().as_bytes()).unwrap();
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_parley"))
-            .arg("--config")
-            .arg(file.path())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| parley_cli(file.path(), args);
     let listed = cli(&["dlq", "list"]);
     assert!(listed.contains("dingtalk:main:poison-1"), "{listed}");
     assert!(listed.contains("1 dead letter(s)"), "{listed}");

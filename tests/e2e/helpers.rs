@@ -185,6 +185,8 @@ pub(crate) struct TestApp {
     toml: String,
     /// Last field: dropped after the app has been told to stop.
     _topology: Option<BrokerTopology>,
+    /// The embedded app's data directory, removed with it.
+    _data: Option<tempfile::TempDir>,
 }
 
 /// What a test deployment declared in RabbitMQ (both lanes); deleted when dropped, so the
@@ -349,6 +351,13 @@ impl TestApp {
             stack.aibot.clone().unwrap(),
             stack.llm.clone(),
         );
+        // An embedded app gets a data directory of its own, unless the test names one.
+        let data = (backend == Backend::Embedded && !opts.queue.contains("path")).then(|| {
+            tempfile::Builder::new()
+                .prefix("parley-e2e-")
+                .tempdir()
+                .unwrap()
+        });
         let toml = format!(
             r#"
 {backends}
@@ -361,7 +370,11 @@ admin_listen = "127.0.0.1:0"
 "#,
             extra = opts.extra,
             backends = {
-                let b = backend_toml(backend, &opts.queue, &opts.redis_url);
+                let queue = match &data {
+                    Some(dir) => format!("path = {:?}\n{}", dir.path(), opts.queue),
+                    None => opts.queue.clone(),
+                };
+                let b = backend_toml(backend, &queue, &opts.redis_url);
                 match &opts.amqp_url {
                     Some(url) => b.replace(AMQP_URL, url),
                     None => b,
@@ -423,6 +436,7 @@ admin_listen = "127.0.0.1:0"
             handle: Some(handle),
             toml,
             _topology: topology,
+            _data: data,
         }
     }
 
@@ -598,4 +612,44 @@ impl Drop for TestApp {
 /// Marks a callback body's sessionWebhook as expired, forcing the OpenAPI path.
 pub(crate) fn expire_session(body: &mut Value) {
     body["sessionWebhookExpiredTime"] = (shared::now_ms() - 1_000).into();
+}
+
+/// Replies per conversation on the fake DingTalk, to check "exactly one answer each".
+pub(crate) fn per_conversation(app: &TestApp) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for r in app.dingtalk.sent() {
+        *counts
+            .entry(r.conversation_id.unwrap_or_default())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// Waits up to a minute for `cond`, failing the test with `what` after that.
+pub(crate) async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs the `parley` binary with `--config config` and `args`; its stdout, failing the test
+/// when it fails.
+pub(crate) fn parley_cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

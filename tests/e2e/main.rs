@@ -32,6 +32,7 @@ mod bad_input;
 mod brokers;
 mod cards;
 mod dingtalk;
+mod durable;
 mod helpers;
 mod limits;
 mod listener;

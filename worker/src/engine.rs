@@ -154,11 +154,6 @@ impl Engine {
         }
     }
 
-    /// Jobs taken from the queue and not yet finished (waiting or being worked on).
-    pub fn taken(&self) -> usize {
-        self.inner.taken.load(Ordering::SeqCst)
-    }
-
     /// Takes jobs until `shutdown`, then lets in-flight jobs finish for up to `grace`;
     /// jobs still running after that are abandoned unsettled, so the queue delivers them again.
     pub async fn run_until_stopped(self, shutdown: CancellationToken, grace: Duration) {

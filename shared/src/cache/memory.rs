@@ -1,7 +1,12 @@
 //! The embedded cache backend: one map behind a mutex, expired lazily on read and swept
-//! now and then.
+//! now and then. Built [`MemoryCache::durable`], every change of a string or a list is
+//! committed to the data directory ([`Store`]) before the call returns, and what the
+//! directory holds is loaded at start, so answered markers, saved answers, progress,
+//! history and quotas outlive a crash. Rate-limit state (slots, reservations) stays in
+//! memory: it is worth seconds, and losing it only forgets recent calls.
 
 use super::{Cache, CacheError, Rate, Reservation};
+use crate::store::{Committed, Store, Stored, Write};
 use async_trait::async_trait;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -27,6 +32,8 @@ struct Entry {
 pub struct MemoryCache {
     map: Mutex<HashMap<String, Entry>>,
     ops: AtomicU64,
+    /// Where changes are committed, when durable.
+    store: Option<Store>,
 }
 
 impl fmt::Debug for MemoryCache {
@@ -50,7 +57,60 @@ impl MemoryCache {
         Self {
             map: Mutex::new(HashMap::new()),
             ops: AtomicU64::new(0),
+            store: None,
         }
+    }
+
+    /// A cache whose strings and lists are committed to `store`, holding again the
+    /// `values` the store kept (from its snapshot).
+    pub fn durable(store: Store, values: Vec<(String, Stored, i64)>) -> Self {
+        let (now, now_ms) = (Instant::now(), crate::now_ms());
+        let map = values
+            .into_iter()
+            .map(|(key, value, expires_ms)| {
+                let value = match value {
+                    Stored::Str(s) => Value::Str(s),
+                    Stored::List(l) => Value::List(l.into()),
+                };
+                let left = Duration::from_millis(expires_ms.saturating_sub(now_ms).max(0) as u64);
+                (
+                    key,
+                    Entry {
+                        value,
+                        expires: now + left,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            map: Mutex::new(map),
+            ops: AtomicU64::new(0),
+            store: Some(store),
+        }
+    }
+
+    /// Hands `key`'s new state to the store, when durable. Called under the map's lock, so
+    /// the store commits changes in the order they were made.
+    fn persist(&self, map: &HashMap<String, Entry>, key: &str, now: Instant) -> Option<Committed> {
+        let store = self.store.as_ref()?;
+        let expiry =
+            |e: &Instant| crate::now_ms() + e.saturating_duration_since(now).as_millis() as i64;
+        let value = match map.get(key) {
+            None => None,
+            Some(Entry {
+                value: Value::Str(s),
+                expires,
+            }) => Some((Stored::Str(s.clone()), expiry(expires))),
+            Some(Entry {
+                value: Value::List(l),
+                expires,
+            }) => Some((Stored::List(l.iter().cloned().collect()), expiry(expires))),
+            Some(_) => return None,
+        };
+        Some(store.submit(vec![Write::Value {
+            key: key.to_string(),
+            value,
+        }]))
     }
 
     fn with_map<T>(
@@ -105,7 +165,7 @@ impl Cache for MemoryCache {
     }
 
     async fn set(&self, key: &str, value: &str, ttl: Duration) -> Result<(), CacheError> {
-        self.with_map(true, |map, now| {
+        let committed = self.with_map(true, |map, now| {
             map.insert(
                 key.to_string(),
                 Entry {
@@ -113,14 +173,15 @@ impl Cache for MemoryCache {
                     expires: now + ttl,
                 },
             );
+            self.persist(map, key, now)
         });
-        Ok(())
+        settled(committed).await
     }
 
     async fn set_nx(&self, key: &str, value: &str, ttl: Duration) -> Result<bool, CacheError> {
-        Ok(self.with_map(true, |map, now| {
+        let committed = self.with_map(true, |map, now| {
             if live(map, key, now).is_some() {
-                return false;
+                return None;
             }
             map.insert(
                 key.to_string(),
@@ -129,23 +190,33 @@ impl Cache for MemoryCache {
                     expires: now + ttl,
                 },
             );
-            true
-        }))
+            Some(self.persist(map, key, now))
+        });
+        let set = committed.is_some();
+        settled(committed.flatten()).await?;
+        Ok(set)
     }
 
     async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        self.with_map(true, |map, _| map.remove(key));
-        Ok(())
+        let committed = self.with_map(true, |map, now| {
+            map.remove(key)?;
+            self.persist(map, key, now)
+        });
+        settled(committed).await
     }
 
     async fn delete_if_eq(&self, key: &str, expected: &str) -> Result<bool, CacheError> {
-        Ok(self.with_map(true, |map, now| {
+        let committed = self.with_map(true, |map, now| {
             let same = matches!(live(map, key, now), Some(Entry { value: Value::Str(s), .. }) if s == expected);
-            if same {
-                map.remove(key);
+            if !same {
+                return None;
             }
-            same
-        }))
+            map.remove(key);
+            Some(self.persist(map, key, now))
+        });
+        let removed = committed.is_some();
+        settled(committed.flatten()).await?;
+        Ok(removed)
     }
 
     async fn list_push(
@@ -155,7 +226,7 @@ impl Cache for MemoryCache {
         max_len: usize,
         ttl: Duration,
     ) -> Result<(), CacheError> {
-        self.with_map(true, |map, now| {
+        let committed = self.with_map(true, |map, now| {
             let entry = live_or_new(map, key, now, ttl, || Value::List(VecDeque::new()));
             let Value::List(list) = &mut entry.value else {
                 return Err(CacheError::WrongType);
@@ -165,8 +236,9 @@ impl Cache for MemoryCache {
                 list.pop_front();
             }
             entry.expires = now + ttl;
-            Ok(())
-        })
+            Ok(self.persist(map, key, now))
+        })?;
+        settled(committed).await
     }
 
     async fn list_range(&self, key: &str) -> Result<Vec<String>, CacheError> {
@@ -181,15 +253,19 @@ impl Cache for MemoryCache {
     }
 
     async fn add(&self, key: &str, by: i64, ttl: Duration) -> Result<i64, CacheError> {
-        self.with_map(true, |map, now| {
+        let (n, committed) = self.with_map(true, |map, now| {
             let entry = live_or_new(map, key, now, ttl, || Value::Str("0".into()));
             let Value::Str(s) = &mut entry.value else {
                 return Err(CacheError::WrongType);
             };
             let n = s.parse::<i64>().map_err(|_| CacheError::WrongType)? + by;
             *s = n.to_string();
-            Ok(n)
-        })
+            // Adding 0 reads the counter: nothing to keep.
+            let committed = (by != 0).then(|| self.persist(map, key, now)).flatten();
+            Ok((n, committed))
+        })?;
+        settled(committed).await?;
+        Ok(n)
     }
 
     async fn take_slot(
@@ -263,6 +339,17 @@ impl Cache for MemoryCache {
     }
 }
 
+/// Waits for a change handed to the store, if any.
+async fn settled(committed: Option<Committed>) -> Result<(), CacheError> {
+    match committed {
+        Some(c) => c
+            .wait()
+            .await
+            .map_err(|e| CacheError::Unavailable(e.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// One rate's step of a reservation: its new theoretical arrival time and how long until
 /// the reserved call may start (the same arithmetic as the Redis script).
 fn gcra_step(tat: Instant, now: Instant, rate: &Rate) -> (Instant, Duration) {
@@ -318,6 +405,46 @@ mod tests {
         assert!(wait > Duration::ZERO && wait <= window);
         tokio::time::sleep(wait).await;
         assert_eq!(c.take_slot("w", 2, window).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_durable_cache_holds_again_what_was_written_and_not_what_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, snapshot) = Store::open(dir.path(), false).unwrap();
+            let c = MemoryCache::durable(store, snapshot.values);
+            c.set("answered:a", "1", LONG).await.unwrap();
+            assert!(c.set_nx("working:a", "1", LONG).await.unwrap());
+            c.set("answer:a", "x", LONG).await.unwrap();
+            c.delete("answer:a").await.unwrap();
+            c.set("token", "t", LONG).await.unwrap();
+            assert!(c.delete_if_eq("token", "t").await.unwrap());
+            c.set("brief", "1", Duration::from_millis(30))
+                .await
+                .unwrap();
+            for i in 0..4 {
+                c.list_push("history:c", &[i.to_string()], 3, LONG)
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(c.add("quota:n", 2, LONG).await.unwrap(), 2);
+            assert_eq!(c.take_slot("w", 1, LONG).await.unwrap(), None);
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let (store, snapshot) = Store::open(dir.path(), false).unwrap();
+        let c = MemoryCache::durable(store, snapshot.values);
+        assert_eq!(c.get("answered:a").await.unwrap().as_deref(), Some("1"));
+        assert!(!c.set_nx("working:a", "2", LONG).await.unwrap());
+        for gone in ["answer:a", "token", "brief"] {
+            assert_eq!(c.get(gone).await.unwrap(), None, "{gone}");
+        }
+        assert_eq!(c.list_range("history:c").await.unwrap(), ["1", "2", "3"]);
+        assert_eq!(c.add("quota:n", 1, LONG).await.unwrap(), 3);
+        assert_eq!(
+            c.take_slot("w", 1, LONG).await.unwrap(),
+            None,
+            "rate state is not kept"
+        );
     }
 
     #[tokio::test]
