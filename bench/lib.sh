@@ -118,12 +118,21 @@ start_parley() {
     (cd "$dir" && RUST_LOG=warn exec taskset -c 0 "$BIN" --config "$2" serve >>"$WORK/parley.log" 2>&1) &
     PARLEY=$!; PIDS+=("$PARLEY")
     wait_http "http://127.0.0.1:$((PARLEY_PORT + 1))/readyz"
+    parley_alive
   else
     RUST_LOG=warn taskset -c 0 "$BIN" --config "$2" "$1" --listen "127.0.0.1:$3" \
       --admin-listen "127.0.0.1:$(($3 + 1))" >>"$WORK/parley.log" 2>&1 &
     PARLEY=$!; PIDS+=("$PARLEY")
     wait_http "http://127.0.0.1:$(($3 + 1))/readyz"
+    parley_alive
   fi
+}
+# Stops the benchmark when the Parley just started has exited (another process on its ports
+# would otherwise answer its /readyz).
+parley_alive() {
+  sleep 0.2
+  kill -0 "$PARLEY" 2>/dev/null && return 0
+  echo "bench: parley exited at start:" >&2; tail -5 "$WORK/parley.log" >&2; exit 1
 }
 # finish_load OUT: waits for the background generator LOAD; on failure shows its output and stops.
 finish_load() { wait "$LOAD" || { cat "$1" >&2; exit 1; }; }
