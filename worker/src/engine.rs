@@ -1,10 +1,11 @@
 //! The engine: takes jobs from a lane's queue and sees each through, whatever its kind.
 //! It owns the intake and work budgets, conversation order, the per-job records in the
-//! cache (`answer:{job}`, `progress:{job}`, `answered:{job}`), splitting an answer to the
+//! cache (`claim:{job}`, `answer:{job}`, `progress:{job}`, `answered:{job}`), splitting an answer to the
 //! messenger's limit and delivering its parts in order, settlement, telling the chatter
 //! when a job is given up, and shutdown with grace. What the answer is comes from the
 //! lane's [`Handler`]; the engine knows nothing of models, history or commands.
 
+use crate::claim::{self, Claim};
 use crate::handler::{Answer, Handler};
 use crate::live::{self, Finished, Followed};
 use crate::order;
@@ -299,6 +300,20 @@ impl Engine {
                 };
             }
         }
+        // Held until this function returns, past the answered marker.
+        let _claim = match claim::claim(cache, &job.id, &answered_key).await {
+            Ok(Claim::Held(held)) => held,
+            Ok(Claim::Answered) => {
+                count(job, "duplicate");
+                return Outcome::Duplicate;
+            }
+            Err(e) => {
+                return Outcome::Retry {
+                    reason: format!("cache: {e}"),
+                    after: None,
+                };
+            }
+        };
         let Some(messenger) = self.messenger(job) else {
             return Outcome::GiveUp {
                 reason: format!("no bot {} on {}", job.bot_id, job.platform.as_str()),

@@ -8,6 +8,7 @@
 //! Every job runs inside one `job` span, so each line logged for it carries the job.
 
 mod chat;
+mod claim;
 mod engine;
 mod handler;
 mod live;
