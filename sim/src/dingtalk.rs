@@ -6,7 +6,7 @@
 //! Error shapes follow the real services: the new gateway answers non-2xx with `{code,
 //! message, requestid}`, the oapi-style sessionWebhook answers HTTP 200 with `{errcode,
 //! errmsg}`. Every accepted message and card is recorded for assertions; tokens can be
-//! revoked, sessions expired and sends throttled on demand.
+//! revoked, sessions expired, and sends throttled or failed (an outage: 503) on demand.
 //!
 //! Like the real gateway, every OpenAPI call except the token API is limited per app and API
 //! (default 20 QPS, sliding window) and counted against the org's monthly budget (see
@@ -269,6 +269,8 @@ struct DtState {
     /// session token → session.
     sessions: HashMap<String, Session>,
     fail_next: usize,
+    /// Every send is answered 503 while set (see [`FakeDingTalk::set_send_outage`]).
+    outage: bool,
     meters: meter::Meters,
     cards: card::CardStore,
     stream: stream::StreamStore,
@@ -305,6 +307,7 @@ impl FakeDingTalk {
                 fetches: HashMap::new(),
                 sessions: HashMap::new(),
                 fail_next: 0,
+                outage: false,
                 meters: meter::Meters::default(),
                 cards: card::CardStore::default(),
                 stream: stream::StreamStore::default(),
@@ -407,6 +410,13 @@ impl FakeDingTalk {
         self.inner.lock().fail_next = n;
     }
 
+    /// While `down`, every send (sessionWebhook, group and 1:1 robot sends) is answered
+    /// HTTP 503 `ServiceUnavailable` and not recorded, as during an outage of DingTalk's
+    /// servers; sends pass again once it is cleared. Card routes are not affected.
+    pub fn set_send_outage(&self, down: bool) {
+        self.inner.lock().outage = down;
+    }
+
     /// Sets how many calls per app may start on one OpenAPI route in any sliding one-second
     /// window (default [`DEFAULT_API_QPS`]; 0 = unlimited). Calls over it get HTTP 403
     /// [`QPS_LIMIT_CODE`] and are not executed.
@@ -449,6 +459,12 @@ impl FakeDingTalk {
     /// Every message accepted so far, in arrival order.
     pub fn sent(&self) -> Vec<SentMessage> {
         self.inner.sent.all()
+    }
+
+    /// The messages accepted after the first `n`, in arrival order: for following the record
+    /// of a long run without copying all of it each time.
+    pub fn sent_since(&self, n: usize) -> Vec<SentMessage> {
+        self.inner.sent.since(n)
     }
 
     /// Waits until at least `n` messages are recorded or `timeout` passes, then returns
@@ -647,17 +663,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Records `msg` unless a throttling fault is pending; returns whether it was recorded.
-    fn accept(&self, msg: SentMessage) -> bool {
+    /// Records `msg` unless an outage is on or a throttling fault is pending.
+    fn accept(&self, msg: SentMessage) -> Result<(), SendRefused> {
         {
             let mut state = self.lock();
+            if state.outage {
+                return Err(SendRefused::Outage);
+            }
             if state.fail_next > 0 {
                 state.fail_next -= 1;
-                return false;
+                return Err(SendRefused::Throttled);
             }
         }
         self.sent.push(msg);
-        true
+        Ok(())
     }
 }
 
@@ -703,9 +722,7 @@ async fn group_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: B
         at_user_ids: Vec::new(),
         received_at_ms: shared::now_ms(),
     });
-    if !accepted {
-        return Err(throttled());
-    }
+    accepted.map_err(SendRefused::openapi)?;
     Ok(ok_json(json!({ "processQueryKey": query_key() })))
 }
 
@@ -746,9 +763,7 @@ async fn oto_send(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Byt
         at_user_ids: Vec::new(),
         received_at_ms: shared::now_ms(),
     });
-    if !accepted {
-        return Err(throttled());
-    }
+    accepted.map_err(SendRefused::openapi)?;
     Ok(ok_json(json!({
         "processQueryKey": query_key(),
         "invalidStaffIdList": [],
@@ -846,12 +861,7 @@ async fn send_by_session(
         at_user_ids,
         received_at_ms: shared::now_ms(),
     });
-    if !accepted {
-        return Err(oapi_error(
-            130_101,
-            "send too fast, exceed 20 times per minute",
-        ));
-    }
+    accepted.map_err(SendRefused::webhook)?;
     Ok(ok_json(json!({ "errcode": 0, "errmsg": "ok" })))
 }
 
@@ -1008,6 +1018,41 @@ fn invalid_parameter(name: &str, message: &str) -> Refusal {
         StatusCode::BAD_REQUEST,
         &format!("InvalidParameter.{name}"),
         message,
+    )
+}
+
+/// Why a well-formed send was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendRefused {
+    /// A pending `fail_next_sends` fault.
+    Throttled,
+    /// `set_send_outage(true)`.
+    Outage,
+}
+
+impl SendRefused {
+    /// As the OpenAPI gateway answers it.
+    fn openapi(self) -> Refusal {
+        match self {
+            Self::Throttled => throttled(),
+            Self::Outage => service_unavailable(),
+        }
+    }
+
+    /// As the sessionWebhook answers it.
+    fn webhook(self) -> Refusal {
+        match self {
+            Self::Throttled => oapi_error(130_101, "send too fast, exceed 20 times per minute"),
+            Self::Outage => service_unavailable(),
+        }
+    }
+}
+
+fn service_unavailable() -> Refusal {
+    gateway_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailable",
+        "The request has failed due to a temporary failure of the server.",
     )
 }
 
@@ -1208,6 +1253,44 @@ mod tests {
         assert_eq!(sent[0].user_ids, vec!["u1".to_owned()]);
         assert_eq!(sent[0].title.as_deref(), Some("T"));
         assert_eq!(sent[0].content, "## hi");
+    }
+
+    #[tokio::test]
+    async fn an_outage_refuses_every_send_with_503_until_cleared() {
+        let dt = fake().await;
+        let client = reqwest::Client::new();
+        let token = token(&client, &dt).await;
+        let (webhook, _) = dt.session_webhook("cid1==", Duration::from_secs(60));
+        let text = json!({ "msgtype": "text", "text": { "content": "hi" } });
+        let group = json!({
+            "robotCode": "app1", "openConversationId": "cid1==", "msgKey": "sampleText",
+            "msgParam": "{\"content\":\"hi\"}",
+        });
+        dt.set_send_outage(true);
+        let down = client.post(&webhook).json(&text).send().await.unwrap();
+        assert_eq!(down.status(), 503);
+        let (status, v) = group_send_with(&client, &dt, &token, group.clone()).await;
+        assert_eq!(status, 503);
+        assert_eq!(v["code"], "ServiceUnavailable");
+        assert!(dt.sent().is_empty());
+        dt.set_send_outage(false);
+        let up: Value = client
+            .post(&webhook)
+            .json(&text)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(up["errcode"], 0);
+        let (status, _) = group_send_with(&client, &dt, &token, group).await;
+        assert_eq!(status, 200);
+        assert_eq!(dt.sent().len(), 2);
+        let later = dt.sent_since(1);
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].via, Via::GroupSend);
+        assert!(dt.sent_since(2).is_empty() && dt.sent_since(9).is_empty());
     }
 
     #[tokio::test]

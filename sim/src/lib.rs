@@ -12,13 +12,15 @@
 //! pointing at them (used by `parley demo`, the end-to-end tests and `parley sim serve`).
 //! [`run_load`] is an
 //! open-loop callback generator for benchmarks, [`run_aibot_load`] the same for AI-bot
-//! conversations with their stream refreshes, and [`run_notify_load`] a notification burst
-//! against fake robots. The fakes speak the wire formats of PROTOCOLS.md, record what they
+//! conversations with their stream refreshes, [`run_chaos_load`] steady callbacks while the
+//! fakes fail on a schedule, each message accounted (lost, duplicated, dead-lettered), and
+//! [`run_notify_load`] a notification burst against fake robots. The fakes speak the wire formats of PROTOCOLS.md, record what they
 //! receive, accept scripted faults, bind port 0 in tests and start in milliseconds. This
 //! crate depends on `parley-shared` for wire types, signing and crypto, never on the binary:
 //! whoever needs a running Parley starts it and points it at these fakes.
 
 pub mod aibot_load;
+pub mod chaos_load;
 pub mod dingtalk;
 pub mod load;
 pub mod notify_load;
@@ -37,6 +39,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 pub use aibot_load::{AibotLoadArgs, AibotLoadReport, run_aibot_load};
+pub use chaos_load::{
+    ChaosLoadArgs, ChaosReport, DeadLetterSeen, Fault, FaultKind, MessageTrace, run_chaos_load,
+};
 pub use dingtalk::{
     CallbackSpec, CardFault, CardUpdate, ConversationType, EndpointStats, FakeApp, FakeCard,
     FakeDingTalk, SentMessage, StreamAck, StreamClosedBy, StreamConnection, StreamDelivery,
@@ -116,6 +121,10 @@ pub enum SimCommand {
     /// Push DingTalk bot messages at a fixed rate through a fake Stream gateway to the
     /// ingresses connected to it; measure frame → ack, reconnects and one answer per message.
     StreamLoad(StreamLoadArgs),
+    /// Send DingTalk callbacks at a fixed rate while the fake model and platform fail on a
+    /// schedule (429 storms, stalls, outages, throttling); account every message: sent,
+    /// acknowledged, answered, lost, duplicated, dead-lettered (`bench/chaos.sh`).
+    ChaosLoad(ChaosLoadArgs),
 }
 
 /// Runs a `parley sim` subcommand to completion.
@@ -193,6 +202,7 @@ pub async fn run(cmd: SimCommand) -> anyhow::Result<()> {
         SimCommand::NotifyLoad(args) => run_notify_load(args).await,
         SimCommand::AibotLoad(args) => run_aibot_load(args).await.map(|_| ()),
         SimCommand::StreamLoad(args) => run_stream_load(args).await.map(|_| ()),
+        SimCommand::ChaosLoad(args) => run_chaos_load(args).await.map(|_| ()),
     }
 }
 

@@ -117,6 +117,8 @@ struct LlmState {
     fail_every: usize,
     pacing: Pacing,
     failures: VecDeque<(u16, Option<u64>)>,
+    /// Every request fails so while set (after the scripted failures).
+    failing: Option<(u16, Option<u64>)>,
     stream_faults: VecDeque<StreamFault>,
     answers: VecDeque<Scripted>,
     seen: Vec<ChatRequestSeen>,
@@ -170,6 +172,7 @@ impl FakeLlm {
                     interval: opts.stream_chunk_interval,
                 },
                 failures: VecDeque::new(),
+                failing: None,
                 stream_faults: VecDeque::new(),
                 answers: VecDeque::new(),
                 seen: Vec::new(),
@@ -212,6 +215,13 @@ impl FakeLlm {
             .lock()
             .failures
             .push_back((status, retry_after_secs));
+    }
+
+    /// While `Some((status, retry_after_secs))`, every request (once the queued failures of
+    /// [`Self::push_failure`] are used up) fails like a pushed failure — a 429 storm, an
+    /// outage; `None` ends it. Requests already waiting out the latency decide when it ends.
+    pub fn set_failing(&self, failure: Option<(u16, Option<u64>)>) {
+        self.inner.lock().failing = failure;
     }
 
     /// Changes how later streams are paced: `first_token` after the headers before the
@@ -387,6 +397,8 @@ async fn complete(
             text: echo(&req.messages),
         };
         let outcome = if let Some((status, retry_after)) = state.failures.pop_front() {
+            Outcome::Fail(status, retry_after)
+        } else if let Some((status, retry_after)) = state.failing {
             Outcome::Fail(status, retry_after)
         } else if state.fail_every > 0 && n.is_multiple_of(state.fail_every) {
             Outcome::Fail(500, None)
@@ -1001,6 +1013,27 @@ mod tests {
         assert_eq!(v["choices"][0]["message"]["content"], "Echo: hi (turn 1)");
         assert_eq!(llm.request_count(), 5);
         assert_eq!(llm.requests().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_failing_window_fails_every_request_until_it_ends() {
+        let llm = fake(FakeLlmOptions::default()).await;
+        let body = chat(&["hi"]);
+        llm.push_failure(500, None);
+        llm.set_failing(Some((429, Some(1))));
+        assert_eq!(
+            post(&llm, "sk-sim", &body).await.status(),
+            500,
+            "pushed first"
+        );
+        for _ in 0..3 {
+            let resp = post(&llm, "sk-sim", &body).await;
+            assert_eq!(resp.status(), 429);
+            assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        }
+        llm.set_failing(None);
+        let v: Value = post(&llm, "sk-sim", &body).await.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "Echo: hi (turn 1)");
     }
 
     #[tokio::test]

@@ -36,6 +36,13 @@ impl<T: Clone> Recorder<T> {
         self.items.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The items recorded after the first `n`, in arrival order (none if `n` or fewer are
+    /// recorded): for readers that follow a long record without copying all of it again.
+    pub fn since(&self, n: usize) -> Vec<T> {
+        let items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        items.get(n..).map(<[T]>::to_vec).unwrap_or_default()
+    }
+
     /// How many items are recorded.
     pub fn len(&self) -> usize {
         self.items.lock().unwrap_or_else(|e| e.into_inner()).len()
