@@ -327,6 +327,31 @@ impl Drop for PrivateRedis {
 }
 
 #[tokio::test]
+async fn jobs_in_flight_when_the_connections_close_are_answered_once_by_two_workers() {
+    brokers_ready().await;
+    let vhost = Vhost::create();
+    let app = TestApp::spawn_opts(Options {
+        amqp_url: Some(vhost.url()),
+        ..brokers(Roles::Serve)
+    })
+    .await;
+    let _second = app.extra_worker().await;
+    app.llm.set_latency(Duration::from_millis(1500));
+    for i in 0..40 {
+        deliver(&app, &app.body(&group_spec(&app, i, "in flight"))).await;
+    }
+    wait_until("jobs with the model", || app.llm.request_count() >= 20).await;
+    // The broker hands the unacked jobs on at once; their first workers live and answer.
+    vhost.close_connections();
+    let replies = app.dingtalk.wait_for(40, LONG_WAIT).await;
+    assert_eq!(replies.len(), 40);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let counts = per_conversation(&app);
+    assert_eq!(counts.len(), 40);
+    assert!(counts.values().all(|&n| n == 1), "duplicates: {counts:?}");
+}
+
+#[tokio::test]
 async fn redis_restart_is_survived_without_restarting_parley() {
     let mut redis = PrivateRedis::start().await;
     let app = TestApp::spawn_opts(Options {
