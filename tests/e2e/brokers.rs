@@ -239,8 +239,8 @@ impl Drop for Vhost {
     }
 }
 
-#[tokio::test]
-async fn rabbitmq_connections_dropped_under_load_lose_nothing_acknowledged() {
+/// `parley serve` on RabbitMQ in a vhost of its own, whose connections a test may close.
+async fn on_private_vhost() -> (Vhost, TestApp) {
     brokers_ready().await;
     let vhost = Vhost::create();
     let app = TestApp::spawn_opts(Options {
@@ -248,6 +248,12 @@ async fn rabbitmq_connections_dropped_under_load_lose_nothing_acknowledged() {
         ..brokers(Roles::Serve)
     })
     .await;
+    (vhost, app)
+}
+
+#[tokio::test]
+async fn rabbitmq_connections_dropped_under_load_lose_nothing_acknowledged() {
+    let (vhost, app) = on_private_vhost().await;
     let bodies: Vec<_> = (0..300)
         .map(|i| app.body(&group_spec(&app, i, "chaos")))
         .collect();
@@ -328,13 +334,7 @@ impl Drop for PrivateRedis {
 
 #[tokio::test]
 async fn jobs_in_flight_when_the_connections_close_are_answered_once_by_two_workers() {
-    brokers_ready().await;
-    let vhost = Vhost::create();
-    let app = TestApp::spawn_opts(Options {
-        amqp_url: Some(vhost.url()),
-        ..brokers(Roles::Serve)
-    })
-    .await;
+    let (vhost, app) = on_private_vhost().await;
     let _second = app.extra_worker().await;
     app.llm.set_latency(Duration::from_millis(1500));
     for i in 0..40 {

@@ -8,7 +8,6 @@ use crate::helpers::*;
 use serde_json::Value;
 use sim::ConversationType;
 use std::io::Write;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,10 +15,12 @@ use std::time::Duration;
 
 const LONG_WAIT: Duration = Duration::from_secs(60);
 
-/// `parley serve` as a child process on fixed ports and a data directory, killed when dropped.
+/// `parley serve` as a child process on fixed ports and a data directory of its own,
+/// killed when dropped.
 struct Serve {
     child: Option<Child>,
     config: tempfile::NamedTempFile,
+    _data: tempfile::TempDir,
     url: String,
     ready: String,
 }
@@ -33,8 +34,9 @@ fn free_port() -> u16 {
 }
 
 impl Serve {
-    /// `app`'s deployment with `data` as its data directory and `server` added to `[server]`.
-    fn new(app: &TestApp, data: &Path, server: &str) -> Self {
+    /// `app`'s deployment on a fresh data directory, with `server` added to `[server]`.
+    fn new(app: &TestApp, server: &str) -> Self {
+        let data = tempfile::tempdir().unwrap();
         let (port, admin) = (free_port(), free_port());
         let mut toml = String::new();
         let mut paths = 0;
@@ -46,7 +48,7 @@ impl Serve {
                 "listen = \"127.0.0.1:0\"" => format!("listen = \"127.0.0.1:{port}\""),
                 l if l.starts_with("path = ") => {
                     paths += 1;
-                    format!("path = {data:?}")
+                    format!("path = {:?}", data.path())
                 }
                 l => l.to_string(),
             };
@@ -59,6 +61,7 @@ impl Serve {
         Self {
             child: None,
             config,
+            _data: data,
             url: format!("http://127.0.0.1:{port}/dingtalk/main"),
             ready: format!("http://127.0.0.1:{admin}/readyz"),
         }
@@ -176,8 +179,7 @@ async fn serve_killed_again_and_again_loses_no_acknowledged_job_and_answers_each
     })
     .await;
     app.llm.set_latency(Duration::from_millis(1500));
-    let data = tempfile::tempdir().unwrap();
-    let mut serve = Serve::new(&app, data.path(), "");
+    let mut serve = Serve::new(&app, "");
     serve.start().await;
     let acked = Arc::new(AtomicUsize::new(0));
     let sender = tokio::spawn(deliver_all(
@@ -228,8 +230,7 @@ async fn a_dead_letter_and_its_saved_answer_outlive_a_kill_and_replay_from_the_d
         ..Options::default()
     })
     .await;
-    let data = tempfile::tempdir().unwrap();
-    let mut serve = Serve::new(&app, data.path(), "");
+    let mut serve = Serve::new(&app, "");
     serve.start().await;
     app.dingtalk.fail_next_sends(2);
     let body = bodies(&app, "poison", 1);
@@ -261,11 +262,10 @@ async fn sigterm_ends_within_the_grace_period_and_the_jobs_left_wait_in_the_dire
     })
     .await;
     app.llm.set_latency(Duration::from_millis(4000));
-    let data = tempfile::tempdir().unwrap();
-    let mut serve = Serve::new(&app, data.path(), "shutdown_grace_secs = 1");
+    let mut serve = Serve::new(&app, "shutdown_grace_secs = 1");
     serve.start().await;
     let acked = Arc::new(AtomicUsize::new(0));
-    deliver_all(serve.url.clone(), bodies(&app, "t", N), acked.clone()).await;
+    deliver_all(serve.url.clone(), bodies(&app, "t", N), acked).await;
     wait_until("jobs with the model", || app.llm.request_count() >= 5).await;
     let mut child = serve.child.take().unwrap();
     let term = Command::new("kill")
